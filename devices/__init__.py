@@ -1,0 +1,4 @@
+"""Targets, runtimes and runners. Never imports TensorFlow."""
+
+# Modules whose import registers Runtime subclasses. One line per new runtime.
+RUNTIME_MODULES = ["litert", "ort"]

@@ -1,0 +1,97 @@
+"""Small shared helpers: atomic writes, hashing, versions. No heavy imports here."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of a directory tree (sorted relative paths + contents)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(chunk), b""):
+                    h.update(block)
+        return h.hexdigest()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_size(path: str | os.PathLike) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success rename it onto ``dest``.
+
+    On any exception (or if the process dies) ``dest`` is untouched and the
+    temporary is removed (or left as a hidden ``.tmp-*`` name that readers ignore).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = tmpdir / dest.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"writer produced no file at {tmp}")
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_text_atomic(dest: str | os.PathLike, text: str) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)
+    return Path(dest)
+
+
+def write_json_atomic(dest: str | os.PathLike, obj) -> Path:
+    return write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def pkg_version(*names: str) -> str | None:
+    """Installed version of the first distribution found, without importing it."""
+    for n in names:
+        try:
+            return metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def converter_versions() -> dict[str, str | None]:
+    return {
+        "edgepipe": pkg_version("edgepipe"),
+        "tensorflow": pkg_version("tensorflow-cpu", "tensorflow", "tensorflow-macos"),
+        "keras": pkg_version("keras"),
+        "tf2onnx": pkg_version("tf2onnx"),
+        "onnx": pkg_version("onnx"),
+        "onnxruntime": pkg_version("onnxruntime", "onnxruntime-gpu"),
+        "coremltools": pkg_version("coremltools"),
+        "ai-edge-litert": pkg_version("ai-edge-litert"),
+        "numpy": pkg_version("numpy"),
+    }
