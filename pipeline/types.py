@@ -61,6 +61,8 @@ class Traced:
     input_shape: tuple
     output_shape: tuple
     timings: dict = field(default_factory=dict)
+    #: work shared between formats (e.g. the fp32 ONNX model that fp16/int8 derive from)
+    shared: dict = field(default_factory=dict)
 
     @property
     def source(self) -> SourceModel:
@@ -73,6 +75,17 @@ class Traced:
     @property
     def model(self) -> Any:
         return self.loaded.model
+
+    def static_keras_model(self) -> Any:
+        """The Keras model re-wrapped with a static (1, H, W, C) input, built once."""
+        if "static_keras" not in self.shared:
+            import keras
+
+            src = self.source
+            inp = keras.Input(batch_shape=tuple(src.input_shape), name=src.input_name)
+            out = self.model(inp)
+            self.shared["static_keras"] = keras.Model(inp, out, name=f"{src.name}_static")
+        return self.shared["static_keras"]
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """Source-model outputs for preprocessed inputs (any batch), one trace call per image."""

@@ -95,3 +95,28 @@ def converter_versions() -> dict[str, str | None]:
         "ai-edge-litert": pkg_version("ai-edge-litert"),
         "numpy": pkg_version("numpy"),
     }
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to fd 1 (converters print freely) to fd 2 for a while,
+    so that --json output on stdout stays parseable."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's and absl's start-up chatter off the terminal (before TF is imported)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GLOG_minloglevel", "3")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

@@ -1,0 +1,156 @@
+"""Calibration data readers behind one interface (image folder, digits set, random).
+
+Each reader yields raw pixels (N, H, W, C) float32 0-255 at the model's input size and
+channel count; preprocessing is applied once, by the model's own Preprocessing.
+numpy + Pillow only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import numpy as np
+
+from .errors import UserError
+from .preprocessing import Preprocessing, to_channels
+from .types import Calibration
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class Reader:
+    name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type["Reader"]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.name:
+            if cls.name in Reader.registry:
+                raise RuntimeError(f"calibration reader '{cls.name}' registered twice")
+            Reader.registry[cls.name] = cls
+
+    def __init__(self, location: Optional[str] = None, seed: int = 0):
+        self.location = location
+        self.seed = seed
+        self.skipped = 0
+
+    def validate(self) -> None:
+        """Cheap checks before any expensive work."""
+
+    def identity(self) -> dict:
+        return {"reader": self.name, "location": self.location, "seed": self.seed}
+
+    def read(self, n: int, height: int, width: int, channels: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def load_image(path: Path, height: int, width: int, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        im = im.resize((width, height), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    return a
+
+
+class FolderReader(Reader):
+    """Images found recursively under a folder (any common format)."""
+
+    name = "folder"
+
+    def validate(self) -> None:
+        p = Path(self.location or "")
+        if not p.is_dir():
+            raise UserError(f"calibration folder {p} not found", "Give --data a folder of images")
+        self.files = list_images(p)
+        if not self.files:
+            raise UserError(f"no images in {p}",
+                            f"Put {', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES[:5])}... files there (searched recursively)")
+
+    def identity(self) -> dict:
+        self.validate()
+        root = Path(self.location)
+        listing = [(str(f.relative_to(root)), f.stat().st_size, int(f.stat().st_mtime)) for f in self.files]
+        import hashlib, json
+
+        return {"reader": self.name, "location": str(root.resolve()), "seed": self.seed,
+                "files": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
+
+    def read(self, n, height, width, channels):
+        self.validate()
+        files = list(self.files)
+        if len(files) > n:  # a deterministic sample spread over the whole folder
+            rng = np.random.default_rng(self.seed)
+            files = [files[i] for i in sorted(rng.choice(len(files), size=n, replace=False))]
+        out = []
+        for f in files:
+            try:
+                out.append(load_image(f, height, width, channels))
+            except Exception:
+                self.skipped += 1
+        if not out:
+            raise UserError(f"none of the {len(files)} images in {self.location} could be decoded",
+                            "Check the files are valid images")
+        return np.stack(out)
+
+
+class DigitsReader(Reader):
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upscaled to the model's input."""
+
+    name = "digits"
+
+    def read(self, n, height, width, channels):
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        rng = np.random.default_rng(self.seed)
+        idx = rng.permutation(len(d.images))[:n]
+        out = []
+        for img in d.images[idx]:
+            im = Image.fromarray((img * (255.0 / 16.0)).astype(np.uint8), "L").resize((width, height), Image.BILINEAR)
+            out.append(np.asarray(im, np.float32)[..., None])
+        return to_channels(np.stack(out), channels)
+
+
+class RandomReader(Reader):
+    """Uniform random pixels. Only on request: int8 calibrated on noise is usually poor."""
+
+    name = "random"
+
+    def read(self, n, height, width, channels):
+        rng = np.random.default_rng(self.seed)
+        return rng.uniform(0, 255, size=(n, height, width, channels)).astype(np.float32)
+
+
+def make_reader(data: Optional[str], calib: Optional[str], seed: int = 0) -> Optional[Reader]:
+    """--data DIR -> folder reader; --calib NAME -> that reader; neither -> None."""
+    if data and calib and calib != "folder":
+        raise UserError(f"--data and --calib {calib} both given", "Use one: --data DIR or --calib random|digits")
+    if data:
+        r = FolderReader(data, seed)
+    elif calib:
+        if calib not in Reader.registry or calib == "folder":
+            names = [k for k in Reader.registry if k != "folder"]
+            raise UserError(f"unknown calibration source '{calib}'", f"Use --data DIR or --calib {'|'.join(names)}")
+        r = Reader.registry[calib](None, seed)
+    else:
+        return None
+    r.validate()
+    return r
+
+
+def calibrate(reader: Reader, n: int, input_shape, pp: Preprocessing) -> Calibration:
+    _, h, w, c = input_shape
+    raw = reader.read(n, h, w, c).astype(np.float32)
+    raw = to_channels(raw, c)
+    return Calibration(raw=raw, data=pp.apply(raw).astype(np.float32), source=reader.name,
+                       location=reader.location, skipped=reader.skipped)

@@ -1,0 +1,168 @@
+"""`edgepipe export`: thin glue over pipeline.export_stage."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _split(s: Optional[str]) -> Optional[list[str]]:
+    if s is None:
+        return None
+    return [x.strip().lower() for x in s.split(",") if x.strip()]
+
+
+def _floats(s: Optional[str], flag: str) -> Optional[list[float]]:
+    if s is None:
+        return None
+    from .errors import UserError
+
+    try:
+        return [float(x) for x in s.replace(" ", ",").split(",") if x]
+    except ValueError:
+        raise UserError(f"bad {flag} '{s}'", f"Give numbers separated by commas, e.g. {flag} 0.5,0.5,0.5") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export", no_args_is_help=True)
+    def export_cmd(
+        model: str = typer.Argument(..., help="Built-in name (mobilenet, resnet50, ...), a .keras/.h5 file or a SavedModel folder."),
+        int8: bool = typer.Option(False, "--int8", help="Export the int8 variant of every selected format."),
+        formats: Optional[str] = typer.Option(None, "--formats", "-f", help="Comma list: tflite,onnx,coreml (default: all)."),
+        precisions: Optional[str] = typer.Option(None, "--precisions", "-p", help="Comma list: fp32,fp16,dynamic,int8,int16x8,palettized."),
+        out: Path = typer.Option(Path("edgepipe-out"), "--out", "-o", help="Output folder; artifacts go to OUT/<model>/."),
+        weights: str = typer.Option("imagenet", "--weights", help="Built-ins: imagenet | none | PATH to a weights file."),
+        input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or HxW."),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="Width multiplier (MobileNet family)."),
+        classes: Optional[int] = typer.Option(None, "--classes", help="Number of classes (with --weights none)."),
+        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="none|unit|tf|caffe|torch (model files default to none: raw 0-255)."),
+        mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean override, e.g. 0.485,0.456,0.406."),
+        std: Optional[str] = typer.Option(None, "--std", help="Per-channel std override."),
+        scale: Optional[float] = typer.Option(None, "--scale", help="Pixel scale override (applied before mean/std)."),
+        labels: Optional[str] = typer.Option(None, "--labels", help="Text file with one class name per line."),
+        data: Optional[str] = typer.Option(None, "--data", help="Folder of calibration images (searched recursively)."),
+        calib: Optional[str] = typer.Option(None, "--calib", help="Calibration source without --data: random | digits."),
+        calib_samples: int = typer.Option(100, "--calib-samples", help="Number of calibration images."),
+        calib_method: Optional[str] = typer.Option(None, "--calib-method", help="ONNX int8 calibration: minmax|entropy|percentile."),
+        onnx_int8: str = typer.Option("u8s8-reduce-range", "--onnx-int8", help="ONNX int8 kernels: u8s8-reduce-range (safe on AVX2 without VNNI) | u8u8 | u8s8 | s8s8."),
+        int8_io: str = typer.Option("int8", "--int8-io", help="TFLite full-integer I/O type: int8 | uint8 | float32."),
+        seed: int = typer.Option(0, "--seed", help="Seed for --weights none and random calibration."),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify every artifact against the source model."),
+        verify_samples: int = typer.Option(8, "--verify-samples", help="Images used to verify each artifact."),
+        cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
+        json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    ):
+        """Convert a model to verified TFLite, ONNX and Core ML artifacts."""
+        from . import export_stage, models
+        from .calibration import make_reader
+        from .errors import UserError
+        from edgepipe.export import ExportOptions
+        from edgepipe.export.onnx import ONNX_INT8_MODES
+        from edgepipe.export.tflite import INT8_IO
+
+        if onnx_int8 not in ONNX_INT8_MODES:
+            raise UserError(f"unknown --onnx-int8 '{onnx_int8}'", f"Use one of: {', '.join(ONNX_INT8_MODES)}")
+        if int8_io not in INT8_IO:
+            raise UserError(f"unknown --int8-io '{int8_io}'", f"Use one of: {', '.join(INT8_IO)}")
+        if calib_method not in (None, "minmax", "entropy", "percentile"):
+            raise UserError(f"unknown --calib-method '{calib_method}'", "Use minmax, entropy or percentile")
+        if verify_samples < 1:
+            raise UserError(f"bad --verify-samples {verify_samples}", "Give a positive number")
+        req_model = models.resolve(model, weights=weights, input_size=input_size, alpha=alpha, classes=classes,
+                                   preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                                   scale=scale, seed=seed, labels_file=labels)
+        plan, skipped = export_stage.build_plan(_split(formats), _split(precisions), int8)
+        reader = make_reader(data, calib, seed)
+        req = export_stage.ExportRequest(
+            model=req_model, plan=plan, out=out, reader=reader, calib_samples=calib_samples, verify=verify,
+            verify_samples=verify_samples, use_cache=cache, skipped=skipped,
+            options=ExportOptions(seed=seed, onnx_int8=onnx_int8, int8_io=int8_io, calib_method=calib_method))
+        export_stage.validate(req)
+        # SIGTERM unwinds like Ctrl-C, so temp files are removed and nothing half-written stays.
+        signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        from .cli import debug_enabled
+        from .util import quiet_tensorflow, stdout_to_stderr
+
+        if not debug_enabled():
+            quiet_tensorflow()
+        with _Progress(quiet=json_out) as prog, stdout_to_stderr():
+            for s in skipped:
+                prog.note(f"skipped {s['format']} {s['precision']}: {s['reason']}")
+            manifest = export_stage.run_export(req, prog)
+        if json_out:
+            from .cli import emit_json
+
+            emit_json(manifest.to_dict())
+        else:
+            _print_table(manifest, req.folder)
+        export_stage.summarize(manifest)
+
+
+class _Progress:
+    """Rich progress on stderr for the export stages."""
+
+    def __init__(self, quiet: bool = False):
+        from .cli import console
+
+        self.console = console()
+        self.quiet = quiet
+        self.p = None
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                          console=self.console, transient=True, disable=self.quiet)
+        self.p.__enter__()
+        self.stage = self.p.add_task("starting", total=None)
+        self.arts = None
+        return self
+
+    def __exit__(self, *exc):
+        self.p.__exit__(*exc)
+
+    def note(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[yellow]note:[/] {msg}")
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "stage":
+            self.p.update(self.stage, description=f"{info['name']} {info.get('detail', '')}".strip())
+        elif event == "cache":
+            self.p.update(self.stage, description=f"reusing cached export {info['key'][:12]}")
+        elif event == "artifacts":
+            self.p.update(self.stage, description="exporting", total=info["total"], completed=0)
+        elif event == "convert":
+            self.p.update(self.stage, description=f"converting {info['id']}")
+        elif event == "verify":
+            self.p.update(self.stage, description=f"verifying {info['id']}")
+        elif event == "done":
+            self.p.advance(self.stage)
+
+
+def _print_table(m, folder: Path) -> None:
+    from rich.table import Table
+
+    from .cli import console
+
+    c = console(stderr=False)
+    t = Table(title=f"{m.model.name} → {folder}")
+    for col in ("artifact", "size", "status", "verified", "centered cos", "max abs err", "top-1 agr", "convert s"):
+        t.add_column(col)
+    for a in m.artifacts:
+        v = a.verification
+        size = f"{a.size_bytes / 1e6:.2f} MB" if a.size_bytes else "-"
+        status = {"ok": "[green]ok[/]", "verify_failed": "[red]verify failed[/]"}.get(a.status, f"[red]{a.status}[/]")
+        fmt = lambda x, f: "-" if x is None else format(x, f)
+        vstat = v.status if v.status != "not_verified" else (v.reason or "not verified")
+        t.add_row(a.id, size, status, vstat, fmt(v.centered_cosine, ".5f"), fmt(v.max_abs, ".3g"),
+                  fmt(v.top1_agreement, ".2f"), fmt(a.timings.get("convert_s"), ".1f"))
+    c.print(t)
+    for a in m.artifacts:
+        if a.error:
+            c.print(f"[red]{a.id}[/]: {a.error}")
+    if m.extra.get("cache", {}).get("hit"):
+        c.print(f"reused cached export ({m.extra['cache']['seconds']} s)")

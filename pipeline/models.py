@@ -1,0 +1,367 @@
+"""Model sources: built-in Keras applications by name, or a user's .keras / .h5 / SavedModel.
+
+`resolve()` validates a request without importing TensorFlow (milliseconds);
+`load()` builds or loads the model (imports TensorFlow lazily).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+from .manifest import SourceModel
+from .preprocessing import Preprocessing
+from .types import LoadedModel
+from .util import sha256_file
+
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    keras_name: str  # attribute of keras.applications
+    default_size: int
+    min_size: int
+    preprocess: str  # the Keras preprocess_input mode
+    alphas: tuple = ()
+    extra_kwargs: tuple = ()
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.name: b
+    for b in [
+        Builtin("vgg16", "VGG16", 224, 32, "caffe"),
+        Builtin("vgg19", "VGG19", 224, 32, "caffe"),
+        Builtin("resnet50", "ResNet50", 224, 32, "caffe"),
+        Builtin("inception_v3", "InceptionV3", 299, 75, "tf"),
+        Builtin("xception", "Xception", 299, 71, "tf"),
+        Builtin("mobilenet", "MobileNet", 224, 32, "tf", (0.25, 0.5, 0.75, 1.0)),
+        Builtin("mobilenet_v2", "MobileNetV2", 224, 32, "tf", (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)),
+        # MobileNetV3 carries its preprocessing as layers: it takes raw 0-255 pixels.
+        Builtin("mobilenet_v3_small", "MobileNetV3Small", 224, 32, "none", (0.75, 1.0),
+                (("include_preprocessing", True),)),
+        Builtin("mobilenet_v3_large", "MobileNetV3Large", 224, 32, "none", (0.75, 1.0),
+                (("include_preprocessing", True),)),
+    ]
+}
+SEED_MODELS = ("vgg16", "vgg19", "resnet50", "inception_v3", "xception", "mobilenet")
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+@dataclass
+class ModelRequest:
+    """What the user asked for, validated. Cheap to build; no TensorFlow."""
+
+    source: str  # built-in name or path
+    kind: str  # builtin | keras | h5 | savedmodel
+    weights: str = "imagenet"  # imagenet | none | PATH (built-ins)
+    input_size: Optional[tuple[int, int]] = None
+    alpha: Optional[float] = None
+    classes: Optional[int] = None
+    seed: int = DEFAULT_SEED
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    labels: Optional[list[str]] = None
+    path: Optional[Path] = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "builtin":
+            return self.source
+        p = Path(self.source)
+        stem = p.name if p.is_dir() else p.stem
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "model"
+
+    def identity(self) -> dict:
+        """What determines the model's weights: used for the cache key and the manifest."""
+        d = {"kind": self.kind, "source": self.source, "weights": self.weights, "seed": self.seed,
+             "input_size": self.input_size, "alpha": self.alpha, "classes": self.classes,
+             "preprocessing": self.preprocessing.to_dict(), "labels": self.labels}
+        if self.path is not None:
+            d["sha256"] = sha256_file(self.path)
+            d["source"] = str(self.path.name)
+        if self.kind == "builtin" and self.weights not in ("imagenet", "none"):
+            d["weights_sha256"] = sha256_file(self.weights)
+        return d
+
+
+def _parse_size(input_size: Optional[str | int]) -> Optional[tuple[int, int]]:
+    if input_size in (None, ""):
+        return None
+    s = str(input_size).lower().replace("x", ",")
+    try:
+        parts = [int(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"bad --input-size '{input_size}'", "Give one number (224) or HxW (224x160)") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UserError(f"bad --input-size '{input_size}'", "Give one number (224) or HxW (224x160)")
+    return (parts[0], parts[1])
+
+
+def resolve(
+    source: str,
+    weights: str = "imagenet",
+    input_size: Optional[str | int] = None,
+    alpha: Optional[float] = None,
+    classes: Optional[int] = None,
+    preprocess: Optional[str] = None,
+    mean: Optional[list[float]] = None,
+    std: Optional[list[float]] = None,
+    scale: Optional[float] = None,
+    seed: int = DEFAULT_SEED,
+    labels_file: Optional[str] = None,
+) -> ModelRequest:
+    size = _parse_size(input_size)
+    labels = _read_labels(labels_file) if labels_file else None
+    key = source.lower().replace("-", "_")
+    if key in BUILTINS:
+        b = BUILTINS[key]
+        w = (weights or "imagenet")
+        if w.lower() in ("imagenet", "none"):
+            w = w.lower()
+        elif not Path(w).is_file():
+            raise UserError(f"weights file {w} not found", "Give --weights imagenet, none, or an existing .h5/.weights.h5 file")
+        if classes is not None and w == "imagenet":
+            raise UserError("--classes only applies with --weights none or a weights file",
+                            "ImageNet weights have 1000 classes; add --weights none to change it")
+        if classes is not None and classes < 1:
+            raise UserError(f"bad --classes {classes}", "Give a positive number of classes")
+        if alpha is not None and not b.alphas:
+            raise UserError(f"{b.name} has no --alpha", "Drop --alpha (it applies to the MobileNet family)")
+        if alpha is not None and alpha not in b.alphas:
+            raise UserError(f"{b.name} has no alpha {alpha}", f"Use one of: {', '.join(map(str, b.alphas))}")
+        if size is not None and min(size) < b.min_size:
+            raise UserError(f"{b.name} needs an input of at least {b.min_size}px, got {size[0]}x{size[1]}",
+                            f"Use --input-size {b.min_size} or larger")
+        pp = Preprocessing.from_mode(preprocess or b.preprocess, mean, std, scale)
+        return ModelRequest(b.name, "builtin", w, size, alpha, classes, seed, pp, labels)
+
+    p = Path(source)
+    if not p.exists():
+        raise UserError(
+            f"unknown model '{source}': not a built-in name and no such file",
+            f"Use one of: {', '.join(BUILTINS)}, or a .keras/.h5 file or SavedModel folder",
+        )
+    if p.is_dir():
+        if not (p / "saved_model.pb").exists():
+            raise UserError(f"{p} is a folder but not a SavedModel (no saved_model.pb)",
+                            "Give a SavedModel folder, a .keras or .h5 file, or a built-in name")
+        kind = "savedmodel"
+    elif p.suffix.lower() == ".keras":
+        kind = "keras"
+    elif p.suffix.lower() in (".h5", ".hdf5"):
+        kind = "h5"
+    else:
+        raise UserError(f"{p.name}: unsupported model file type '{p.suffix}'",
+                        "Give a .keras or .h5 file, or a SavedModel folder")
+    if classes is not None:
+        raise UserError("--classes applies to built-in models only", "Drop --classes for a model file")
+    if alpha is not None:
+        raise UserError("--alpha applies to built-in models only", "Drop --alpha for a model file")
+    pp = Preprocessing.from_mode(preprocess or "none", mean, std, scale)
+    return ModelRequest(str(p), kind, "file", size, None, None, seed, pp, labels, path=p.resolve())
+
+
+def _read_labels(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"labels file {p} not found", "Give a text file with one class name per line")
+    labels = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not labels:
+        raise UserError(f"labels file {p} is empty", "Give a text file with one class name per line")
+    return labels
+
+
+# --------------------------------------------------------------------------- loading
+def _keras():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    return keras
+
+
+def _missing_weights_error(e: Exception, b: Builtin) -> UserError:
+    msg = str(e)
+    m = re.search(r"([A-Za-z0-9_.\-]+\.h5)", msg)
+    fname = m.group(1) if m else f"{b.keras_name} ImageNet weights"
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return UserError(
+        f"cannot get ImageNet weights for {b.name} ({fname}): download failed and it is not in {cache}",
+        f"Put {fname} in {cache}, or use --weights none (random init) or --weights PATH",
+    )
+
+
+def load(req: ModelRequest) -> LoadedModel:
+    keras = _keras()
+    if req.kind == "builtin":
+        model = _build_builtin(keras, req)
+        src = SourceModel(name=req.name, kind="builtin", weights=req.weights, seed=req.seed,
+                          options={"alpha": req.alpha, "classes": req.classes,
+                                   "input_size": list(req.input_size) if req.input_size else None})
+        if req.weights not in ("imagenet", "none"):
+            src.path = str(Path(req.weights).resolve())
+            src.sha256 = sha256_file(req.weights)
+        return _finish(LoadedModel(src, model, req.preprocessing), req)
+    if req.kind == "savedmodel":
+        return _finish(_load_savedmodel(req), req)
+    try:
+        model = keras.models.load_model(str(req.path), compile=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "Check the file; models with custom layers need them importable"
+        if req.kind == "h5" and "model_config" in str(e):
+            hint = "This .h5 holds weights only: use a built-in name with --weights PATH"
+        raise UserError(f"cannot load model {req.path.name}: {first[:300]}", hint) from e
+    src = SourceModel(name=req.name, kind=req.kind, path=str(req.path), sha256=sha256_file(req.path),
+                      weights="file", seed=req.seed)
+    return _finish(LoadedModel(src, model, req.preprocessing), req)
+
+
+def _build_builtin(keras, req: ModelRequest):
+    b = BUILTINS[req.source]
+    keras.utils.set_random_seed(req.seed)
+    size = req.input_size or (b.default_size, b.default_size)
+    kw = dict(b.extra_kwargs)
+    kw["input_shape"] = (size[0], size[1], 3)
+    kw["weights"] = None if req.weights == "none" else req.weights
+    if req.classes is not None:
+        kw["classes"] = req.classes
+    if req.alpha is not None:
+        kw["alpha"] = req.alpha
+    ctor = getattr(keras.applications, b.keras_name)
+    try:
+        model = ctor(**kw)
+        if req.weights == "none":
+            settle_batchnorm(model, req.preprocessing, req.seed)
+        return model
+    except ValueError as e:
+        raise UserError(f"{b.name}: {str(e).splitlines()[0]}",
+                        "ImageNet weights fix the input size and classes; use --weights none to change them") from e
+    except Exception as e:
+        if req.weights == "imagenet" and ("fetch" in str(e).lower() or "url" in str(e).lower()
+                                          or isinstance(e, (OSError, ConnectionError))):
+            raise _missing_weights_error(e, b) from e
+        raise
+
+
+def _load_savedmodel(req: ModelRequest) -> LoadedModel:
+    import tensorflow as tf
+
+    try:
+        obj = tf.saved_model.load(str(req.path))
+    except Exception as e:
+        raise UserError(f"cannot load SavedModel {req.path}: {str(e).splitlines()[0][:300]}",
+                        "Check the folder is a complete SavedModel") from e
+    sigs = getattr(obj, "signatures", {})
+    if "serving_default" not in sigs:
+        raise UserError(f"SavedModel {req.path} has no serving_default signature",
+                        "Export it with a serving signature (model.export(path) in Keras 3)")
+    src = SourceModel(name=req.name, kind="savedmodel", path=str(req.path), sha256=sha256_file(req.path),
+                      weights="file", seed=req.seed)
+    return LoadedModel(src, obj, req.preprocessing, is_keras=False, saved_model_dir=req.path)
+
+
+def _finish(lm: LoadedModel, req: ModelRequest) -> LoadedModel:
+    """Fill the input/output description of the source model."""
+    src = lm.source
+    if lm.is_keras:
+        m = lm.model
+        if len(m.inputs) != 1:
+            raise UserError(f"model has {len(m.inputs)} inputs", "edgepipe exports single-input image models")
+        shape = list(m.inputs[0].shape)
+        src.input_name = _clean_name(getattr(m.inputs[0], "name", None) or "input")
+        src.input_dtype = str(getattr(m.inputs[0], "dtype", "float32")).replace("<dtype: '", "").strip("'>")
+        src.parameters = int(m.count_params())
+    else:
+        sig = lm.model.signatures["serving_default"]
+        specs = list(sig.structured_input_signature[1].values())
+        if len(specs) != 1:
+            raise UserError(f"SavedModel signature has {len(specs)} inputs", "edgepipe exports single-input image models")
+        shape = [None] + list(specs[0].shape)[1:]
+        src.input_name = _clean_name(specs[0].name or "input")
+        src.input_dtype = specs[0].dtype.name
+    if len(shape) != 4:
+        raise UserError(f"model input has shape {shape}, not (batch, height, width, channels)",
+                        "edgepipe exports image models with NHWC input")
+    h, w, c = shape[1], shape[2], shape[3]
+    if req.input_size is not None and lm.source.kind != "builtin":
+        if (h is not None and h != req.input_size[0]) or (w is not None and w != req.input_size[1]):
+            raise UserError(f"--input-size {req.input_size[0]}x{req.input_size[1]} does not match the model's fixed input {h}x{w}",
+                            "Drop --input-size")
+        h, w = req.input_size
+    if h is None or w is None:
+        raise UserError("the model's input height/width are not fixed", "Give --input-size HxW")
+    if c not in (1, 3):
+        raise UserError(f"model input has {c} channels", "edgepipe handles 1-channel (gray) and 3-channel images")
+    src.input_shape = [1, int(h), int(w), int(c)]
+    src.preprocessing = lm.preprocessing.to_dict()
+    src.labels = req.labels
+    return lm
+
+
+def _clean_name(name: str) -> str:
+    name = name.split(":")[0]
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name) or "input"
+
+
+def settle_batchnorm(model, pp: Preprocessing, seed: int, n: int = 8, residual_gain: float = 0.1) -> int:
+    """Re-estimate batch-norm statistics of a randomly initialised model.
+
+    Keras' random init keeps BN moving statistics at (0, 1), so activations shrink
+    layer after layer (MobileNet at 64px: ~1e-17 at the last block) and the output is
+    an exactly uniform softmax: every artifact would "verify" trivially. One forward
+    pass in training mode with momentum 0 sets each BN layer's statistics to those of
+    a fixed, seeded batch of random images, giving a deterministic model whose outputs
+    actually depend on its input. Returns the number of BN layers updated.
+    """
+    import keras
+    import numpy as np
+
+    bns = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    if not bns:
+        return 0
+    # Residual branches start near identity (as in "zero-init residual" training
+    # recipes): a random deep residual net at unit-variance branches is chaotic, i.e.
+    # a 0.1% weight change flips its top-1, which no real trained model does.
+    for bn in _residual_branch_ends(model, keras):
+        g = bn.gamma
+        g.assign(g * residual_gain)
+    _, h, w, c = [d if d is not None else 1 for d in model.inputs[0].shape]
+    rng = np.random.default_rng(seed)
+    x = pp.apply(rng.uniform(0, 255, size=(n, h, w, c)).astype(np.float32))
+    saved = [(l, l.momentum) for l in bns]
+    try:
+        for l, _ in saved:
+            l.momentum = 0.0
+        model(x, training=True)
+    finally:
+        for l, m in saved:
+            l.momentum = m
+    return len(bns)
+
+
+def _all_layers(model):
+    for l in model.layers:
+        yield l
+        if hasattr(l, "layers"):
+            yield from _all_layers(l)
+
+
+def _residual_branch_ends(model, keras):
+    """BatchNormalization layers whose output feeds an Add, other than through a shortcut conv."""
+    out = []
+    for layer in _all_layers(model):
+        if not isinstance(layer, keras.layers.Add):
+            continue
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                prod = t._keras_history.operation
+                if isinstance(prod, keras.layers.BatchNormalization) and "shortcut" not in prod.name \
+                        and not prod.name.endswith("_0_bn"):
+                    out.append(prod)
+    return list(dict.fromkeys(out))

@@ -1,0 +1,180 @@
+"""Verification: run an artifact in its runtime and compare with the source model.
+
+`compare()` is the one comparison helper, used by export's verification stage and by
+the tests. Figures per artifact: max/mean absolute error, cosine similarity, centered
+cosine (Pearson correlation per sample: insensitive to the near-constant offset a
+softmax output has) and top-1 agreement. Pass criteria are per precision.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .manifest import Verification
+
+# Per precision: minimum mean centered cosine, maximum error relative to the
+# reference's output range, minimum top-1 agreement on confidently-predicted samples.
+# fp32 is near-exact (different kernels, same arithmetic); fp16 loses ~3 decimal
+# digits; weight-only quantization and int16 activations stay close; full int8 is
+# looser but real: a wrong scale, dropped weights or a broken layer fall far below.
+# When the outputs are probabilities (softmax), the centered cosine is taken on
+# log-probabilities floored at 1/256 (the int8 output step): that compares logits up
+# to a constant, where quantization error is additive, instead of letting one
+# saturated class dominate. The max-error bound applies to fp32/fp16 only: a
+# quantized model legitimately moves single probabilities by more.
+PROB_FLOOR = 1.0 / 256
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"centered_cosine": 0.9999, "rel_max_abs": 0.01, "top1": 0.99},
+    "fp16": {"centered_cosine": 0.995, "rel_max_abs": 0.05, "top1": 0.9},
+    "dynamic": {"centered_cosine": 0.97, "top1": 0.8},
+    "int16x8": {"centered_cosine": 0.97, "top1": 0.8},
+    "palettized": {"centered_cosine": 0.93, "top1": 0.7},
+    "int8": {"centered_cosine": 0.90, "top1": 0.6},
+}
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    centered_cosine: float
+    top1_agreement: Optional[float]
+    rel_max_abs: float
+    confident: int
+    passed: bool
+    failures: list[str]
+    thresholds: dict
+
+
+def _flat(xs) -> np.ndarray:
+    if isinstance(xs, (list, tuple)):
+        arrs = [np.asarray(x, np.float64).reshape(np.asarray(x).shape[0], -1) for x in xs]
+        return np.concatenate(arrs, axis=1)
+    x = np.asarray(xs, np.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+def compare(outputs, reference, precision: str = "fp32", thresholds: Optional[dict] = None) -> Comparison:
+    """Compare artifact outputs with reference outputs, both (N, ...) arrays (or lists of them)."""
+    a, r = _flat(outputs), _flat(reference)
+    if a.shape != r.shape:
+        return Comparison(float("inf"), float("inf"), 0.0, 0.0, 0.0, float("inf"), 0, False,
+                          [f"output shape {a.shape} != reference {r.shape}"], {})
+    th = dict(thresholds or THRESHOLDS.get(precision, THRESHOLDS["int8"]))
+    finite = bool(np.isfinite(a).all())
+    diff = np.abs(a - r)
+    max_abs = float(diff.max()) if finite else float("inf")
+    mean_abs = float(diff.mean()) if finite else float("inf")
+    rng = float(r.max() - r.min())
+    rel = max_abs / rng if rng > 0 else (0.0 if max_abs == 0 else float("inf"))
+    cos = _cos(a.ravel(), r.ravel()) if finite else 0.0
+    space = "output"
+    if finite and _is_probability(r):
+        space = "log-probability"
+        a_, r_ = np.log(np.maximum(a, PROB_FLOOR)), np.log(np.maximum(r, PROB_FLOOR))
+    else:
+        a_, r_ = a, r
+    ac = a_ - a_.mean(axis=1, keepdims=True)
+    rc = r_ - r_.mean(axis=1, keepdims=True)
+    cc = float(np.mean([_cos(x, y) for x, y in zip(ac, rc)])) if finite else 0.0
+    top1, confident = None, 0
+    if r.shape[1] > 1:
+        # Agreement counted where the reference's top-1 margin exceeds the observed
+        # error: a near-tie (common in untrained models) is not a disagreement.
+        srt = np.sort(r, axis=1)
+        margin = srt[:, -1] - srt[:, -2]
+        mask = margin > 2 * max_abs if finite else np.ones(len(r), bool)
+        confident = int(mask.sum())
+        if confident:
+            top1 = float(np.mean(a[mask].argmax(1) == r[mask].argmax(1)))
+        else:
+            top1 = float(np.mean(a.argmax(1) == r.argmax(1)))
+    failures = []
+    if not finite:
+        failures.append("non-finite outputs")
+    if cc < th["centered_cosine"]:
+        failures.append(f"centered cosine {cc:.4f} < {th['centered_cosine']}")
+    if "rel_max_abs" in th and rel > th["rel_max_abs"]:
+        failures.append(f"max abs error {max_abs:.4g} is {rel:.3f} of the output range > {th['rel_max_abs']}")
+    if top1 is not None and confident and top1 < th["top1"]:
+        failures.append(f"top-1 agreement {top1:.3f} < {th['top1']}")
+    th["space"] = space
+    return Comparison(max_abs, mean_abs, cos, cc, top1, rel, confident, not failures, failures, th)
+
+
+def _is_probability(r: np.ndarray) -> bool:
+    return r.shape[1] > 1 and bool((r >= -1e-6).all()) and bool(np.allclose(r.sum(axis=1), 1.0, atol=1e-2))
+
+
+def _cos(x: np.ndarray, y: np.ndarray) -> float:
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 and ny == 0:
+        return 1.0
+    if nx == 0 or ny == 0:
+        return 0.0
+    return float(np.dot(x, y) / (nx * ny))
+
+
+def checker_for(fmt: str) -> tuple[str, str]:
+    """(runtime name, target) used to verify artifacts of a format on this host."""
+    if fmt == "coreml":
+        return ("coreml", "cpu") if platform.system() == "Darwin" else ("coreml-reference", "reference")
+    if fmt == "onnx":
+        return ("onnxruntime", "cpu")
+    return ("litert", "cpu")
+
+
+def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None) -> np.ndarray:
+    """Run every sample through an artifact; image-input artifacts get raw pixels."""
+    from edgepipe.devices.base import Runtime, _load_all
+
+    if runtime is None:
+        _load_all()
+        name, target = checker_for(fmt)
+        cls = Runtime.registry.get((name, target))
+        if cls is None:
+            raise LookupError(f"no {name} runtime installed")
+        runtime = cls()
+    why = runtime.check(path, fmt)
+    if why:
+        raise LookupError(why)
+    outs = []
+    with runtime.load(path) as s:
+        image = getattr(s, "input_kind", "tensor") == "image"
+        for i in range(data.shape[0]):
+            x = raw[i : i + 1] if image else data[i : i + 1]
+            y = s.run([x])
+            outs.append(y if len(y) > 1 else y[0])
+    if isinstance(outs[0], list):
+        return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    return np.concatenate(outs)
+
+
+def verify_artifact(path, fmt: str, precision: str, raw: np.ndarray, data: np.ndarray,
+                    reference: np.ndarray, data_source: str) -> Verification:
+    t0 = time.perf_counter()
+    name, target = checker_for(fmt)
+    v = Verification(checker=name, samples=int(data.shape[0]), data=data_source)
+    try:
+        out = run_artifact(path, fmt, raw, data)
+    except LookupError as e:
+        v.status = "not_verified"
+        v.reason = f"not verified: {e}"
+        return v
+    except Exception as e:  # an unsupported op in the reference interpreter, a runtime crash...
+        v.status = "not_verified" if "unsupported" in str(e).lower() else "failed"
+        v.reason = f"{'not verified' if v.status == 'not_verified' else 'runtime error'}: {str(e).splitlines()[0][:300]}"
+        return v
+    c = compare(out, reference, precision)
+    v.max_abs, v.mean_abs, v.cosine = c.max_abs, c.mean_abs, c.cosine
+    v.centered_cosine, v.top1_agreement = c.centered_cosine, c.top1_agreement
+    v.thresholds = c.thresholds
+    v.status = "passed" if c.passed else "failed"
+    v.reason = None if c.passed else "; ".join(c.failures)
+    v.seconds = round(time.perf_counter() - t0, 3)
+    return v
