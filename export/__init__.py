@@ -6,7 +6,7 @@ import importlib
 from .base import CALIBRATED, PRECISIONS, ExportOptions, ExportResult, Format
 
 # One line per format module.
-FORMAT_MODULES = ["tflite", "onnx", "coreml"]
+FORMAT_MODULES = ["tflite", "onnx", "coreml", "edgetpu"]
 
 
 def formats() -> dict[str, type[Format]]:
