@@ -520,6 +520,7 @@ def analyze_graph(g: TFLiteGraph, ops_detail: bool = True) -> PlacementReport:
     started = False
     first_cpu: Optional[OpPlacement] = None
     params = 0
+    may_decline: dict[str, list[int]] = {}
     for op in sg.operators:
         verdict = check_op(g, op)
         if first_cpu is not None:
@@ -546,10 +547,13 @@ def analyze_graph(g: TFLiteGraph, ops_detail: bool = True) -> PlacementReport:
         if placement == EDGETPU:
             params += sum(t.nbytes for t in g.op_inputs(op) if t is not None and t.is_constant)
             if op.opcode in _MAY_DECLINE:
-                report.notes.append(f"op {op.index} {op.opcode}: the table says it may not be mapped "
-                                    "depending on tensor sizes")
+                may_decline.setdefault(op.opcode, []).append(op.index)
         report.ops.append(p)
     report.parameter_bytes = int(params)
+    for opcode, idx in may_decline.items():
+        shown = ", ".join(str(i) for i in idx[:8]) + (", ..." if len(idx) > 8 else "")
+        report.notes.append(f"{opcode} (op {shown}): the supported-ops table says it may not be mapped "
+                            "depending on tensor sizes")
     if params > 6 * 2**20:
         report.notes.append(f"{params / 2**20:.1f} MiB of parameters: the Edge TPU caches about 8 MiB on chip; "
                             "the rest streams from off-chip memory each inference (slower)")

@@ -272,7 +272,8 @@ def test_ops_within_published_limits_map(tiny, name):
 
 def test_resize_is_noted_as_size_dependent(tiny):
     r = et.analyze_tflite(tiny("resize"))
-    assert any("RESIZE_BILINEAR" in n and "may not be mapped" in n for n in r.notes)
+    assert [n for n in r.notes if "may not be mapped" in n] == [
+        "RESIZE_BILINEAR (op 1): the supported-ops table says it may not be mapped depending on tensor sizes"]
 
 
 def test_summary_by_type_and_dict(tiny):
