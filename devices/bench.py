@@ -289,7 +289,9 @@ def _plan(art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[
     rt = rts[0]
     row.runtime = rt.name
     try:
-        why_host = rt.available()
+        # rows run in fresh processes: ask about the host, not about this process, where a runtime
+        # offers both (LiteRT's software GPU cannot share a process with TensorFlow, the agent's can)
+        why_host = getattr(rt, "host_available", rt.available)()
     except Exception as e:  # noqa: BLE001 - a runtime's check must not stop the others
         why_host = f"availability check failed: {e}"
     try:

@@ -6,10 +6,16 @@ correctness only. ``available()`` asks a fresh subprocess to run a one-op model 
 missing or broken driver becomes a reason, not a crash. Sessions record
 ``facts["fully_accelerated"]`` and, when the delegate logs it, how many ops fell back to the CPU.
 Artifacts need static shapes (batch 1): the check says so instead of "Failed to modify graph".
+
+lavapipe and TensorFlow must not share a process: lavapipe JIT-compiles shaders with LLVM, and
+TensorFlow's libtensorflow_framework.so exports its own LLVM symbols, so the driver binds to the
+wrong LLVM and segfaults in vkCreateDevice. In a process that has imported TensorFlow the software
+GPU is therefore unavailable, with that reason; `edgepipe bench` and `eval` never import it.
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -24,19 +30,34 @@ def _ensure_xdg_runtime_dir() -> None:
         os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="edgepipe-xdg-")
 
 
+def tensorflow_clash() -> Optional[str]:
+    """Why the GPU cannot be used in *this* process (software Vulkan + TensorFlow loaded), or None."""
+    if "tensorflow" not in sys.modules:
+        return None
+    from .host import probe_target
+
+    adapters = probe_target("gpu").get("tflite", {}).get("vulkan_adapters") or []
+    if adapters and all(a.get("type") == "cpu" for a in adapters):
+        return ("software Vulkan (lavapipe) crashes in a process that has imported TensorFlow (both carry LLVM): "
+                "use LiteRT's GPU from a process without TensorFlow, as `edgepipe bench` does")
+    return None
+
+
 class LiteRTGPUSession(Session):
     def __init__(self, path: Path, options: RunOptions):
         from edgepipe.devices.agent import AgentError, LiteRTCompiledBackend
+        from edgepipe.pipeline.errors import UnsupportedArtifact
 
         from .litert import tflite_io
 
+        why = tensorflow_clash()
+        if why:
+            raise UnsupportedArtifact(why, "Run it from `edgepipe bench`/`eval`, or before importing TensorFlow")
         _ensure_xdg_runtime_dir()
         self.inputs, self.outputs = tflite_io(path)
         try:
             self._b = LiteRTCompiledBackend(path, "gpu", options.threads)
         except AgentError as e:
-            from edgepipe.pipeline.errors import UnsupportedArtifact
-
             raise UnsupportedArtifact(str(e), "Export with a static batch of 1 for the GPU") from e
         placement = self._b.placement()
         self.facts = {"runtime": "ai_edge_litert", "accelerator": "gpu", "threads": options.threads,
@@ -58,21 +79,28 @@ class LiteRTGPU(Runtime):
     target = "gpu"
     formats = ("tflite",)
 
-    def available(self) -> Optional[str]:
+    def host_available(self) -> Optional[str]:
+        """Whether a fresh process on this host can use the GPU (what `edgepipe bench` needs)."""
         from .host import probe_target
 
         p = probe_target("gpu").get("tflite", {})
-        if p.get("available"):
-            return None
-        return p.get("reason") or "LiteRT's GPU accelerator is unavailable (no reason given)"
+        if not p.get("available"):
+            return p.get("reason") or "LiteRT's GPU accelerator is unavailable (no reason given)"
+        return None
+
+    def available(self) -> Optional[str]:
+        """Whether *this* process can load a GPU session."""
+        return self.host_available() or tensorflow_clash()
 
     def check(self, path, fmt) -> Optional[str]:
-        why = super().check(path, fmt)
-        if why:
-            return why
+        """Reasons about the artifact first (they hold on any host), then about this host."""
         from edgepipe.devices.agent import _check_static_shapes
 
-        return _check_static_shapes(path)
+        if fmt not in self.formats:
+            return f"{self.name} on {self.target} runs {', '.join(self.formats)} artifacts, not {fmt}"
+        if not Path(path).exists():
+            return f"artifact {path} is missing"
+        return _check_static_shapes(path) or self.host_available()
 
     def load(self, path, options=None):
         return LiteRTGPUSession(Path(path), options or RunOptions())

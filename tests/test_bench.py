@@ -1,0 +1,419 @@
+"""edgepipe bench on real runtimes: LiteRT (XNNPACK) and onnxruntime on the CPU, the Edge TPU and
+Core ML rows that cannot run here, a runtime that dies with a signal, bad input, `edgepipe devices`.
+
+The artifacts are built here from a tiny Keras model with the real converters (TFLite fp32 and
+full-int8, ONNX through tf2onnx, all with a static batch of 1), plus a dynamic-batch TFLite model,
+a one-op flatbuffer shaped like an edgetpu_compiler output, and a Core ML mlprogram. test_gpu.py
+and test_report.py load ``build_tiny_export`` from this file and share the same folder.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepipe.devices import agent
+from edgepipe.devices.bench import BenchReport, BenchSettings, run_bench
+from edgepipe.pipeline.cli import main as cli_main
+from edgepipe.pipeline.manifest import Artifact, Manifest, SourceModel, load_manifest
+from edgepipe.pipeline.util import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+AGENT = REPO / "devices" / "agent.py"
+FAST = dict(runs=12, min_seconds=0.05, warmup=1, threads=1)
+
+
+# --------------------------------------------------------------------------------------------- fixture
+def _edgetpu_shaped_tflite() -> bytes:
+    """One CUSTOM 'edgetpu-custom-op' node, the way edgetpu_compiler's output looks to a reader."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as s
+
+    m = s.ModelT()
+    m.version = 3
+    m.description = "edgetpu-shaped test model (never run: no Edge TPU here)"
+    m.buffers = [s.BufferT() for _ in range(3)]
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.CUSTOM
+    code.customCode = "edgetpu-custom-op"
+    code.version = 1
+    m.operatorCodes = [code]
+    g = s.SubGraphT()
+    g.tensors = []
+    for i, (name, shape) in enumerate((("x", [1, 32, 32, 3]), ("y", [1, 10]))):
+        t = s.TensorT()
+        t.shape, t.type, t.buffer, t.name = shape, s.TensorType.INT8, i + 1, name
+        q = s.QuantizationParametersT()
+        q.scale, q.zeroPoint = [0.0078125], [0]
+        t.quantization = q
+        g.tensors.append(t)
+    g.inputs, g.outputs = [0], [1]
+    op = s.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    g.operators = [op]
+    m.subgraphs = [g]
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def build_tiny_export(folder: Path) -> Path:
+    """Build (once) a manifest folder with real artifacts of a tiny conv net. Returns the folder."""
+    folder = Path(folder)
+    if (folder / "manifest.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    keras.utils.set_random_seed(0)
+
+    def net(batch):
+        x = inp = keras.Input(batch_shape=(batch, 32, 32, 3), name="image")
+        x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+        x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+        x = keras.layers.Conv2D(16, 1, activation="relu")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inp, keras.layers.Dense(10)(x))  # logits: outputs differ per input
+
+    model = net(1)
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0.0, 1.0, size=(16, 32, 32, 3)).astype(np.float32)
+
+    (tmp / "tiny_fp32.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([data[i:i + 1]] for i in range(len(data)))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    (tmp / "tiny_int8.tflite").write_bytes(conv.convert())
+
+    dyn = net(None)
+    dyn.set_weights(model.get_weights())
+    (tmp / "tiny_dynbatch.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dyn).convert())
+
+    tf2onnx.convert.from_function(tf.function(lambda x: model(x)),
+                                  input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32, name="image")],
+                                  opset=17, output_path=str(tmp / "tiny_fp32.onnx"))
+
+    (tmp / "tiny_edgetpu.tflite").write_bytes(_edgetpu_shaped_tflite())
+
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 32, 32, 3))])
+    def prog(x):
+        return mb.relu(x=x, name="y")
+
+    ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS15,
+               skip_model_load=True).save(str(tmp / "tiny_fp32.mlpackage"))
+
+    np.savez(tmp / "reference.npz", raw=data * 255.0, data=data, outputs=model.predict(data, verbose=0))
+
+    m = Manifest(model=SourceModel(name="tiny", kind="keras", input_shape=[1, 32, 32, 3], num_classes=10),
+                 reference={"path": "reference.npz", "samples": len(data), "data": "random"})
+    for aid, fmt, prec, path in (("tflite-fp32", "tflite", "fp32", "tiny_fp32.tflite"),
+                                 ("tflite-int8", "tflite", "int8", "tiny_int8.tflite"),
+                                 ("tflite-dynbatch", "tflite", "fp32", "tiny_dynbatch.tflite"),
+                                 ("onnx-fp32", "onnx", "fp32", "tiny_fp32.onnx"),
+                                 ("edgetpu-int8", "edgetpu", "int8", "tiny_edgetpu.tflite"),
+                                 ("coreml-fp32", "coreml", "fp32", "tiny_fp32.mlpackage")):
+        p = tmp / path
+        m.artifacts.append(Artifact(id=aid, format=fmt, precision=prec, path=path, status="ok",
+                                    sha256=sha256_file(p), size_bytes=sum(f.stat().st_size for f in p.rglob("*"))
+                                    if p.is_dir() else p.stat().st_size))
+    m.artifacts.append(Artifact(id="onnx-int8", format="onnx", precision="int8", status="failed",
+                                error="quantizer raised ValueError: no calibration data"))
+    m.save(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    return build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")
+
+
+@pytest.fixture()
+def export_copy(tiny_export, tmp_path) -> Path:
+    """A private copy tests may damage."""
+    dst = tmp_path / "export"
+    shutil.copytree(tiny_export, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cpu_report(tiny_export) -> BenchReport:
+    return run_bench(tiny_export, BenchSettings(targets=["cpu"], profile=True, **FAST))
+
+
+def _rows(report: BenchReport) -> dict:
+    return {(r.artifact, r.target): r for r in report.rows}
+
+
+# --------------------------------------------------------------------------------------------- cpu
+@pytest.mark.parametrize("aid", ["tflite-fp32", "tflite-int8", "tflite-dynbatch", "onnx-fp32"])
+def test_cpu_rows_have_sane_figures(cpu_report, aid):
+    r = _rows(cpu_report)[(aid, "cpu")]
+    assert r.status == "ok", r.reason
+    lat = r.latency_ms
+    assert lat["n"] >= FAST["runs"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    lo, hi = lat["ci95_p50"]
+    assert lo <= lat["p50"] <= hi and lat["ci_coverage"] >= 0.95
+    assert len(r.samples_ms) == lat["n"]
+    assert r.measured_s >= FAST["min_seconds"]
+    assert r.load_ms > 0 and r.first_ms > 0 and len(r.warmup_ms) == FAST["warmup"]
+    assert r.throughput_ips == pytest.approx(1000.0 / lat["mean"], rel=1e-6)
+    assert r.threads == 1
+    assert r.memory["peak_rss_kb"] >= r.memory["after_load_rss_kb"] >= r.memory["baseline_rss_kb"] > 0
+    assert r.runtime_version  # a real version string from the runtime that ran
+    assert r.runner == "agent"
+    assert r.input_source == "file"  # the manifest's reference samples, not random data
+    assert r.inputs[0]["shape"][1:] == [32, 32, 3]
+
+
+def test_cpu_runtime_facts(cpu_report):
+    rows = _rows(cpu_report)
+    fp32 = rows[("tflite-fp32", "cpu")]
+    assert fp32.runtime == "litert" and fp32.runtime_api == "interpreter"
+    assert fp32.placement["accelerator"] == "xnnpack"
+    assert fp32.placement["ops_total"] > 0 and fp32.placement["fully_accelerated"] is True
+    int8 = rows[("tflite-int8", "cpu")]
+    assert int8.inputs[0]["dtype"] == "int8" and int8.inputs[0]["scale"]
+    onnx = rows[("onnx-fp32", "cpu")]
+    assert onnx.runtime == "onnxruntime"
+    assert onnx.placement["providers"][0] == "CPUExecutionProvider"
+    assert cpu_report.settings["inputs"].startswith("reference.npz")
+    assert cpu_report.host["cpu"]["logical_cores"] >= 1
+
+
+def test_onnxruntime_profile_top_ops(cpu_report):
+    prof = _rows(cpu_report)[("onnx-fp32", "cpu")].profile
+    assert prof["source"] == "onnxruntime profiler"
+    ops = [o["op"] for o in prof["top_ops"]]
+    assert "Conv" in ops
+    assert sum(o["pct"] for o in prof["top_ops"]) <= 100.0 + 1e-6
+    assert all(n["provider"] == "CPUExecutionProvider" for n in prof["top_nodes"])
+    # LiteRT has no per-op profiler in Python: the row says so instead of inventing one
+    lite = _rows(cpu_report)[("tflite-fp32", "cpu")].profile
+    assert lite.get("source") is None and "no per-op profiler" in lite["note"]
+
+
+def test_rows_that_cannot_run_say_why(cpu_report):
+    rows = _rows(cpu_report)
+    failed_export = rows[("onnx-int8", "cpu")]
+    assert failed_export.status == "skipped" and "export failed" in failed_export.reason
+    assert "no calibration data" in failed_export.reason
+    coreml = rows[("coreml-fp32", "cpu")]
+    if sys.platform != "darwin":
+        assert coreml.status == "skipped" and coreml.reason == "Core ML runtime needs macOS"
+
+
+def test_crashing_runtime_fails_only_its_row(tiny_export, monkeypatch):
+    # Test hook documented in devices/agent.py: the agent SIGSEGVs itself when the artifact's
+    # file name contains EDGEPIPE_AGENT_CRASH, right after loading the model.
+    monkeypatch.setenv("EDGEPIPE_AGENT_CRASH", "tiny_int8")
+    rep = run_bench(tiny_export, BenchSettings(targets=["cpu"], artifacts=["tflite-fp32", "tflite-int8", "onnx-fp32"],
+                                               agreement=False, **FAST))
+    rows = _rows(rep)
+    crashed = rows[("tflite-int8", "cpu")]
+    assert crashed.status == "failed"
+    assert crashed.signal == "SIGSEGV" and "SIGSEGV" in crashed.reason
+    assert "EDGEPIPE_AGENT_CRASH" in (crashed.stderr_tail or "")
+    assert rows[("tflite-fp32", "cpu")].status == "ok"
+    assert rows[("onnx-fp32", "cpu")].status == "ok"
+
+
+def test_edgetpu_rows_unavailable_or_skipped_with_reasons(tiny_export):
+    rep = run_bench(tiny_export, BenchSettings(targets=["edgetpu"], **FAST))
+    rows = _rows(rep)
+    assert {r.status for r in rep.rows} <= {"skipped", "unavailable", "ok"}
+    assert all(r.reason for r in rep.rows if r.status != "ok")
+    assert rows[("tflite-fp32", "edgetpu")].status == "skipped"
+    assert "int8" in rows[("tflite-fp32", "edgetpu")].reason
+    assert rows[("tflite-int8", "edgetpu")].status == "skipped"
+    assert "not compiled" in rows[("tflite-int8", "edgetpu")].reason
+    compiled = rows[("edgetpu-int8", "edgetpu")]
+    if rep.targets["edgetpu"].get("tflite", {}).get("available"):
+        pytest.skip("an Edge TPU runtime is installed here; the unavailable path cannot be shown")
+    assert compiled.status == "unavailable"
+    assert "libedgetpu" in compiled.reason
+
+
+# --------------------------------------------------------------------------------------------- agent
+def test_agent_is_standalone_python39():
+    src = AGENT.read_text()
+    tree = ast.parse(src, feature_version=(3, 9))  # no 3.10+ syntax
+    mods = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    allowed_third_party = {"numpy", "ai_edge_litert", "tflite_runtime", "onnxruntime", "flatbuffers"}
+    third_party = {m for m in mods if m not in sys.stdlib_module_names and m != "__future__"}
+    assert third_party <= allowed_third_party, third_party
+    assert "edgepipe" not in mods and "tensorflow" not in mods
+
+
+def test_agent_cli_from_a_copy_outside_the_repo(tiny_export, tmp_path):
+    # the way it runs on a board: a lone copy of the file, no edgepipe on the path
+    lone = tmp_path / "agent.py"
+    shutil.copy(AGENT, lone)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-X", "importtime", str(lone), "--artifact",
+                        str(tiny_export / "tiny_int8.tflite"), "--format", "tflite", "--target", "cpu",
+                        "--threads", "1", "--runs", "5", "--min-seconds", "0", "--warmup", "0"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert d["status"] == "ok" and d["runtime"]["name"] in ("ai_edge_litert", "tflite_runtime")
+    assert d["input_source"] == "random" and d["inputs"][0]["dtype"] == "int8"
+    imported = {ln.split("|")[-1].strip().split(".")[0] for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "edgepipe" not in imported and "tensorflow" not in imported
+
+
+def test_agent_unavailable_target_exit_code(tiny_export):
+    r = subprocess.run([sys.executable, str(AGENT), "--artifact", str(tiny_export / "tiny_fp32.onnx"),
+                        "--format", "onnx", "--target", "gpu", "--runs", "1"],
+                       capture_output=True, text=True, timeout=120)
+    d = json.loads(r.stdout)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here")
+    assert r.returncode == 3 and d["status"] == "unavailable" and "CUDAExecutionProvider" in d["reason"]
+
+
+def test_median_ci_matches_binomial_tables():
+    # classic distribution-free ranks for the 95% CI of the median (1-based)
+    for n, (lo, hi) in {10: (2, 9), 20: (6, 15), 50: (18, 33), 100: (40, 61)}.items():
+        xs = [float(i) for i in range(1, n + 1)]
+        a, b, cov = agent.median_ci(xs)
+        assert (a, b) == (lo, hi)
+        assert cov >= 0.95
+    s = agent.summarize(list(np.random.default_rng(1).exponential(2.0, 501)))
+    xs = np.random.default_rng(1).exponential(2.0, 501)
+    assert s["p50"] == pytest.approx(np.percentile(xs, 50))
+    assert s["p99"] == pytest.approx(np.percentile(xs, 99))
+    assert s["std"] == pytest.approx(np.std(xs, ddof=1))
+
+
+def test_measure_honours_runs_and_min_seconds():
+    class Sleepy(agent.Backend):
+        inputs = [{"name": "x", "shape": [1], "dtype": "float32"}]
+
+        def run(self, feeds):
+            return [feeds[0] * 2]
+
+    res, first = agent.measure(Sleepy(), [[np.ones(1, np.float32)]], runs=7, min_seconds=0.05, warmup=2)
+    assert res["latency_ms"]["n"] >= 7 and res["measured_s"] >= 0.05 and len(res["warmup_ms"]) == 2
+    assert first[0][0] == 2.0
+    res, _ = agent.measure(Sleepy(), [[np.ones(1, np.float32)]], runs=10 ** 9, min_seconds=0, warmup=0,
+                           max_seconds=0.05)
+    assert res["truncated"] is True and res["latency_ms"]["n"] < 10 ** 9
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _cli(*args) -> int:
+    return cli_main(list(args))
+
+
+def test_cli_bench_writes_reports_and_never_imports_tensorflow(tiny_export, tmp_path):
+    out = tmp_path / "out"
+    code = ("import sys, json\n"
+            "from edgepipe.pipeline.cli import main\n"
+            f"rc = main(['bench', {str(tiny_export)!r}, '--targets', 'cpu', '--artifacts', 'tflite-fp32,onnx-fp32', "
+            f"'--runs', '5', '--min-seconds', '0', '--warmup', '0', '--threads', '1', '--out', {str(out)!r}, '--json'])\n"
+            "sys.stderr.write(json.dumps({'rc': rc, 'tf': 'tensorflow' in sys.modules, "
+            "'keras': 'keras' in sys.modules}) + '\\n')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    status = json.loads(r.stderr.strip().splitlines()[-1])
+    assert status == {"rc": 0, "tf": False, "keras": False}, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert {row["status"] for row in d["rows"]} == {"ok"}
+    assert Path(d["written"]["json"]) == out / "bench.json"
+    assert BenchReport.load(out / "bench.json").rows[0].latency_ms["n"] >= 5
+    assert (out / "bench.md").read_text().startswith("## edgepipe bench: tiny")
+
+
+def test_cli_devices_json(capsys):
+    assert _cli("devices", "--json") == 0
+    d = json.loads(capsys.readouterr().out)
+    cpu = [t for t in d["targets"] if t["target"] == "cpu" and t["runtime"] == "litert"][0]
+    assert cpu["available"] is True and cpu["versions"]["ai-edge-litert"]
+    assert all(t["available"] or t["reason"] for t in d["targets"])
+    assert {t["target"] for t in d["targets"]} >= {"cpu", "gpu", "edgetpu"}
+    assert d["host"]["cpu"]["logical_cores"] >= 1 and isinstance(d["host"]["cpu"]["isa"], list)
+    if sys.platform != "darwin":
+        coreml = [t for t in d["targets"] if "coreml" in t["formats"]]
+        assert coreml and not coreml[0]["available"] and "macOS" in coreml[0]["reason"]
+
+
+def test_cli_unknown_target_exit_2(tiny_export, capsys):
+    assert _cli("bench", str(tiny_export), "--targets", "cpu,npu") == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'npu'" in err and err.count("\n") == 1
+
+
+def test_cli_unknown_artifact_exit_2(tiny_export, capsys):
+    assert _cli("bench", str(tiny_export), "--artifacts", "nope") == 2
+    assert "no artifact 'nope'" in capsys.readouterr().err
+
+
+def test_cli_missing_artifact_exit_2(export_copy, capsys):
+    (export_copy / "tiny_fp32.onnx").unlink()
+    assert _cli("bench", str(export_copy), "--runs", "1", "--min-seconds", "0") == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "onnx-fp32" in err
+    assert not (export_copy / "bench.json").exists()
+
+
+def test_cli_corrupt_artifact_exit_2(export_copy, capsys):
+    p = export_copy / "tiny_fp32.tflite"
+    p.write_bytes(p.read_bytes()[:100])
+    assert _cli("bench", str(export_copy), "--runs", "1", "--min-seconds", "0") == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_cli_newer_manifest_schema_exit_2(export_copy, capsys):
+    mp = export_copy / "manifest.json"
+    d = json.loads(mp.read_text())
+    d["schema_version"] = 99
+    mp.write_text(json.dumps(d))
+    assert _cli("bench", str(export_copy)) == 2
+    assert "newer" in capsys.readouterr().err
+
+
+def test_cli_bad_numbers_exit_2(tiny_export, capsys):
+    assert _cli("bench", str(tiny_export), "--runs", "0") == 2
+    assert "--runs" in capsys.readouterr().err
+
+
+def test_cli_crash_row_exit_1_but_reports_written(export_copy, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEPIPE_AGENT_CRASH", "tiny_fp32.onnx")
+    rc = _cli("bench", str(export_copy), "--artifacts", "tflite-fp32,onnx-fp32", "--runs", "3", "--min-seconds", "0",
+              "--warmup", "0", "--threads", "1")
+    assert rc == 1
+    assert "1 of 2 rows failed" in capsys.readouterr().err
+    rep = BenchReport.load(export_copy / "bench.json")
+    assert _rows(rep)[("onnx-fp32", "cpu")].signal == "SIGSEGV"
+    assert _rows(rep)[("tflite-fp32", "cpu")].status == "ok"
+    assert "SIGSEGV" in (export_copy / "bench.md").read_text()
+
+
+def test_manifest_loads(tiny_export):
+    m, folder = load_manifest(tiny_export)
+    assert folder == tiny_export and len(m.artifacts) == 7
