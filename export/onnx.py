@@ -11,7 +11,6 @@ weights) avoids it too; "s8s8" and plain "u8s8" are offered for VNNI/ARM targets
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from .base import ExportOptions, ExportResult, Format
@@ -32,16 +31,10 @@ def _fp32_model(traced, options: ExportOptions):
     return traced.shared["onnx_fp32"]
 
 
-def _scratch(traced) -> Path:
-    if "scratch" not in traced.shared:
-        traced.shared["scratch"] = tempfile.TemporaryDirectory(prefix="edgepipe-")
-    return Path(traced.shared["scratch"].name)
-
-
 def _fp32_path(traced, options) -> Path:
     import onnx
 
-    p = _scratch(traced) / "fp32.onnx"
+    p = traced.scratch() / "fp32.onnx"
     if not p.exists():
         onnx.save(_fp32_model(traced, options), str(p))
     return p

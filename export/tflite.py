@@ -12,9 +12,10 @@ def _converter(traced):
     import tensorflow as tf
 
     if traced.loaded.is_keras:
-        # from_keras_model on a static-batch wrapper: from_concrete_functions silently
-        # drops Keras 3 weights (a 16.8 MB model came out at 98 KB).
-        return tf.lite.TFLiteConverter.from_keras_model(traced.static_keras_model())
+        # A static-batch SavedModel of the Keras model, exported once for all precisions.
+        # (from_concrete_functions silently drops Keras 3 weights: a 16.8 MB model came
+        # out at 98 KB; from_keras_model works but re-exports the model every time.)
+        return tf.lite.TFLiteConverter.from_saved_model(str(traced.saved_model_dir(traced.scratch())))
     return tf.lite.TFLiteConverter.from_concrete_functions([traced.concrete], traced.model)
 
 
@@ -36,8 +37,15 @@ class TFLiteFormat(Format):
 
         from edgepipe.devices.litert import tflite_io
 
+        key = f"tflite_{precision}_{options.int8_io if precision == 'int8' else ''}"
+        if key in traced.shared:  # e.g. the Edge TPU format reuses the int8 model
+            data, used = traced.shared[key]
+            dest.write_bytes(data)
+            ins, outs = tflite_io(dest)
+            calib = {**calibration.describe(), "method": "minmax (TFLite converter)"} if calibration else None
+            return ExportResult(dest, ins, outs, dict(used), calib)
         c = _converter(traced)
-        used: dict = {"converter": "TFLiteConverter.from_keras_model" if traced.loaded.is_keras
+        used: dict = {"converter": "TFLiteConverter.from_saved_model" if traced.loaded.is_keras
                       else "TFLiteConverter.from_concrete_functions"}
         if precision == "fp16":
             c.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -62,6 +70,7 @@ class TFLiteFormat(Format):
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
             used.update(io="float32", activations="int16", weights="int8")
         data = c.convert()
+        traced.shared[key] = (data, used)
         dest.write_bytes(data)
         ins, outs = tflite_io(dest)
         calib = None

@@ -51,6 +51,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for --weights none and random calibration."),
         verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify every artifact against the source model."),
         verify_samples: int = typer.Option(8, "--verify-samples", help="Images used to verify each artifact."),
+        targets: Optional[str] = typer.Option(None, "--targets", help="Devices you will run on; with --int8, 'edgetpu' adds the Edge TPU artifact."),
+        require_full_edgetpu: bool = typer.Option(False, "--require-full-edgetpu", help="Exit 1 when any op of an Edge TPU artifact would run on the CPU."),
         cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     ):
@@ -73,7 +75,15 @@ def register(app: typer.Typer) -> None:
         req_model = models.resolve(model, weights=weights, input_size=input_size, alpha=alpha, classes=classes,
                                    preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                                    scale=scale, seed=seed, labels_file=labels)
-        plan, skipped = export_stage.build_plan(_split(formats), _split(precisions), int8)
+        from edgepipe.devices.base import parse_targets
+
+        fmts = _split(formats)
+        if targets is not None and "edgetpu" in parse_targets(targets) and int8:
+            fmts = list(dict.fromkeys((fmts or ["tflite", "onnx", "coreml"]) + ["edgetpu"]))
+        if require_full_edgetpu and fmts is not None and "edgetpu" not in fmts:
+            raise UserError("--require-full-edgetpu needs an Edge TPU artifact",
+                            "Add --formats edgetpu (or --int8 --targets edgetpu)")
+        plan, skipped = export_stage.build_plan(fmts, _split(precisions), int8)
         reader = make_reader(data, calib, seed)
         req = export_stage.ExportRequest(
             model=req_model, plan=plan, out=out, reader=reader, calib_samples=calib_samples, verify=verify,
@@ -98,6 +108,12 @@ def register(app: typer.Typer) -> None:
         else:
             _print_table(manifest, req.folder)
         export_stage.summarize(manifest)
+        if require_full_edgetpu:
+            from edgepipe.devices.edgetpu import require_full_edgetpu as gate
+
+            for a in manifest.artifacts:
+                if a.format == "edgetpu" and a.ok:
+                    gate(a.extra.get("edgetpu"))
 
 
 class _Progress:

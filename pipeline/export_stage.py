@@ -131,8 +131,6 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
         m.save(folder)
         return m
 
-    from edgepipe.export import get_format
-
     from . import models, trace as trace_mod
     from .calibration import calibrate
 
@@ -180,6 +178,22 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
         manifest.extra["skipped"] = req.skipped
 
     progress("artifacts", {"total": len(req.plan)})
+    try:
+        _export_all(req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress)
+    finally:
+        if "scratch" in traced.shared:
+            traced.shared["scratch"].cleanup()
+    manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    manifest.save(folder)
+    failed = [a for a in manifest.artifacts if not a.ok]
+    if key and not failed:
+        cache.store(key, folder, [a.path for a in manifest.artifacts if a.path] + _side_files(manifest))
+    return manifest
+
+
+def _export_all(req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress) -> None:
+    from edgepipe.export import get_format
+
     for fmt, precision in req.plan:
         art = _export_one(traced, fmt, precision, calibration, req, folder, get_format(fmt), progress)
         if art.ok and req.verify:
@@ -197,15 +211,6 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
         manifest.artifacts.append(art)
         progress("done", {"id": art.id, "status": art.status})
         manifest.save(folder)  # keep the manifest current: a crash later loses nothing
-
-    manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    manifest.save(folder)
-    if "scratch" in traced.shared:
-        traced.shared["scratch"].cleanup()
-    failed = [a for a in manifest.artifacts if not a.ok]
-    if key and not failed:
-        cache.store(key, folder, [a.path for a in manifest.artifacts if a.path] + _side_files(manifest))
-    return manifest
 
 
 def _side_files(m: Manifest) -> list[str]:

@@ -87,6 +87,28 @@ class Traced:
             self.shared["static_keras"] = keras.Model(inp, out, name=f"{src.name}_static")
         return self.shared["static_keras"]
 
+    def saved_model_dir(self, scratch: Path) -> Path:
+        """A static-batch SavedModel of the Keras model, written once and shared by every
+        TFLite precision (from_keras_model would re-export it for each one)."""
+        if "saved_model" not in self.shared:
+            import tensorflow as tf
+
+            d = scratch / "saved_model"
+            src = self.source
+            # An explicit signature: Model.export would widen the batch to None.
+            sig = [tf.TensorSpec(tuple(src.input_shape), tf.float32, name=src.input_name)]
+            self.model.export(str(d), verbose=False, input_signature=sig)
+            self.shared["saved_model"] = d
+        return self.shared["saved_model"]
+
+    def scratch(self) -> Path:
+        """A temporary folder for intermediate files, removed after the export."""
+        import tempfile
+
+        if "scratch" not in self.shared:
+            self.shared["scratch"] = tempfile.TemporaryDirectory(prefix="edgepipe-")
+        return Path(self.shared["scratch"].name)
+
     def reference(self, x: np.ndarray) -> np.ndarray:
         """Source-model outputs for preprocessed inputs (any batch), one trace call per image."""
         import tensorflow as tf

@@ -33,8 +33,12 @@ THRESHOLDS: dict[str, dict[str, float]] = {
     "dynamic": {"centered_cosine": 0.97, "top1": 0.8},
     "int16x8": {"centered_cosine": 0.97, "top1": 0.8},
     "palettized": {"centered_cosine": 0.93, "top1": 0.7},
-    "int8": {"centered_cosine": 0.90, "top1": 0.6},
+    "int8": {"centered_cosine": 0.80, "top1": 0.5},
 }
+# Full int8 is where verification and accuracy part ways: a broken int8 conversion (a
+# wrong input scale, dropped weights, a mis-quantized layer) lands far below 0.8
+# (tests/test_verify.py shows ~0.5 and lower), while a correct one of a trained model is
+# typically above 0.95. The accuracy budget itself is `edgepipe check`'s job, on labels.
 
 
 @dataclass
@@ -122,6 +126,8 @@ def _cos(x: np.ndarray, y: np.ndarray) -> float:
 
 def checker_for(fmt: str) -> tuple[str, str]:
     """(runtime name, target) used to verify artifacts of a format on this host."""
+    if fmt == "edgetpu":  # an uncompiled Edge TPU artifact is a full-int8 TFLite model
+        return ("litert", "cpu")
     if fmt == "coreml":
         return ("coreml", "cpu") if platform.system() == "Darwin" else ("coreml-reference", "reference")
     if fmt == "onnx":
@@ -140,6 +146,12 @@ def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None
         if cls is None:
             raise LookupError(f"no {name} runtime installed")
         runtime = cls()
+    if fmt == "edgetpu":
+        from edgepipe.devices.tflite_graph import read_tflite
+
+        if read_tflite(path, keep_constants=False).is_edgetpu_compiled:
+            raise LookupError("compiled for the Edge TPU: it runs only with libedgetpu on an Edge TPU")
+        fmt = "tflite"
     why = runtime.check(path, fmt)
     if why:
         raise LookupError(why)

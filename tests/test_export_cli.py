@@ -1,0 +1,214 @@
+"""Export: bad input fails fast with one line and exit 2; file models; cache; atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from edgepipe.pipeline.cli import main
+
+
+def _one_line_error(res, code=2):
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("edgepipe: error:"), lines
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+def test_help_is_fast_and_does_not_import_tensorflow():
+    code = ("import sys, time; t=time.perf_counter(); from edgepipe.pipeline.cli import main; "
+            "rc = main(['--help']); print('TF' if 'tensorflow' in sys.modules else 'noTF', time.perf_counter()-t)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "noTF" in res.stdout, res.stdout + res.stderr
+    assert "export" in res.stdout and "bench" in res.stdout
+    assert float(res.stdout.split()[-1]) < 1.0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["export", "mobilenett", "--weights", "none"], "unknown model 'mobilenett'"),
+    (["export", "mobilenet", "--weights", "none", "--formats", "tflite,caffe"], "unknown format 'caffe'"),
+    (["export", "mobilenet", "--weights", "none", "--precisions", "int4"], "unknown precision 'int4'"),
+    (["export", "mobilenet", "--weights", "none", "--int8"], "needs calibration data"),
+    (["export", "/nonexistent/model.keras"], "unknown model"),
+    (["export", "mobilenet", "--weights", "none", "--input-size", "16"], "at least 32px"),
+    (["export", "vgg16", "--alpha", "0.5", "--weights", "none"], "has no --alpha"),
+    (["export", "mobilenet", "--classes", "10"], "--classes only applies"),
+    (["export", "mobilenet", "--weights", "none", "--calib", "noise"], "unknown calibration source"),
+    (["export", "mobilenet", "--weights", "none", "--onnx-int8", "u4"], "unknown --onnx-int8"),
+    (["export", "mobilenet", "--weights", "none", "--formats", "onnx", "--precisions", "palettized"], "nothing to export"),
+])
+def test_bad_input_is_one_line_exit_2_before_tensorflow(args, needle, tmp_path):
+    t0 = time.perf_counter()
+    res = run_cli(*args, "--out", str(tmp_path / "out"))
+    line = _one_line_error(res)
+    assert needle in line
+    assert time.perf_counter() - t0 < 8, "validation must happen before the TensorFlow import"
+
+
+def test_empty_calibration_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    line = _one_line_error(run_cli("export", "mobilenet", "--weights", "none", "--int8",
+                                   "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")))
+    assert "no images in" in line
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = _one_line_error(run_cli("export", "mobilenet", "--weights", "none", "--out", str(blocker / "sub")))
+    assert "cannot write to output folder" in line
+
+
+def test_corrupt_model_file(tmp_path):
+    bad = tmp_path / "broken.keras"
+    bad.write_bytes(b"this is not a zip archive")
+    line = _one_line_error(run_cli("export", str(bad), "--out", str(tmp_path / "o"), "--no-cache"))
+    assert "cannot load model broken.keras" in line
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = run_cli("--debug", "export", "mobilenett", "--out", str(tmp_path))
+    assert res.returncode == 2
+    assert "Traceback" in res.stderr
+
+
+def test_imagenet_weights_offline_names_the_file(tmp_path):
+    env = {"KERAS_HOME": str(tmp_path / "keras_home"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    res = run_cli("export", "mobilenet", "--input-size", "128", "--alpha", "0.25", "--formats", "tflite",
+                  "--out", str(tmp_path / "o"), "--no-cache", env=env)
+    line = _one_line_error(res)
+    assert "mobilenet_0_25_128_tf.h5" in line and "--weights none" in line
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5", "savedmodel"])
+def test_user_model_files_export_and_verify(kind, tiny_keras_files, tmp_path):
+    src = tiny_keras_files[kind]
+    res = run_cli("export", str(src), "--formats", "tflite,onnx", "--precisions", "fp32,fp16",
+                  "--preprocess", "unit", "--out", str(tmp_path), "--no-cache", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout)
+    assert m["model"]["kind"] == kind
+    assert m["model"]["input_shape"] == [1, 40, 40, 3]
+    assert m["model"]["preprocessing"]["mode"] == "unit"
+    assert len(m["artifacts"]) == 4
+    for a in m["artifacts"]:
+        assert a["status"] == "ok", a
+        assert a["verification"]["status"] == "passed", a["verification"]
+        assert a["inputs"][0]["shape"][0] == 1  # static batch of one
+        f = tmp_path / m["model"]["name"] / a["path"]
+        assert f.stat().st_size == a["size_bytes"]
+    fp32 = [a for a in m["artifacts"] if a["id"] == "tflite-fp32"][0]
+    assert fp32["verification"]["max_abs"] < 1e-4
+
+
+def test_grayscale_model_int8_with_digits(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inp)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(10)(x)
+    path = tmp_path / "gray.keras"
+    keras.Model(inp, out).save(path)
+    res = run_cli("export", str(path), "--formats", "tflite,onnx,coreml", "--int8", "--preprocess", "unit",
+                  "--calib", "digits", "--calib-samples", "32", "--out", str(tmp_path / "o"), "--no-cache", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout)
+    arts = {a["id"]: a for a in m["artifacts"]}
+    assert arts["tflite-int8"]["inputs"][0]["dtype"] == "int8"
+    assert arts["tflite-int8"]["inputs"][0]["shape"] == [1, 28, 28, 1]
+    assert arts["tflite-int8"]["calibration"]["source"] == "digits"
+    assert arts["tflite-int8"]["calibration"]["samples"] == 32
+    for a in ("tflite-int8", "onnx-int8"):
+        assert arts[a]["verification"]["status"] == "passed", arts[a]["verification"]
+        assert arts[a]["verification"]["data"] == "digits"
+    assert arts["coreml-int8"]["options"]["input_kind"] == "image"
+
+
+def test_repeated_export_is_served_from_cache_without_tensorflow(tmp_path):
+    env = {"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["export", "mobilenet", "--weights", "none", "--input-size", "32", "--alpha", "0.25", "--classes", "4",
+            "--formats", "tflite,onnx", "--out", str(tmp_path / "o"), "--json"]
+    first = run_cli(*args, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    m1 = json.loads(first.stdout)
+    (tmp_path / "o" / "mobilenet" / "mobilenet_fp32.tflite").unlink()
+    code = ("import sys, time; t=time.perf_counter(); from edgepipe.pipeline.cli import main; "
+            f"rc = main({args!r}); sys.stderr.write('RESULT %s %d %.3f\\n' % ('tensorflow' in sys.modules, rc, time.perf_counter()-t))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    tf_loaded, rc, secs = res.stderr.strip().splitlines()[-1].split()[1:]
+    assert rc == "0" and tf_loaded == "False", res.stderr[-2000:]
+    assert float(secs) <= 2.0
+    m2 = json.loads(res.stdout)
+    assert m2["extra"]["cache"]["hit"] is True
+    assert [a["sha256"] for a in m2["artifacts"]] == [a["sha256"] for a in m1["artifacts"]]
+    assert (tmp_path / "o" / "mobilenet" / "mobilenet_fp32.tflite").exists()
+    # the seed is recorded and a different seed is a different model (no cache hit)
+    assert m1["model"]["seed"] == 0
+    other = run_cli(*args, "--seed", "1", env=env)
+    assert json.loads(other.stdout)["artifacts"][0]["sha256"] != m1["artifacts"][0]["sha256"]
+
+
+def test_one_failing_format_does_not_stop_the_others(tmp_path):
+    """TFLite's int8-only op set has no kernel for some ops: that artifact fails, ONNX int8 is still written."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    x = keras.layers.Lambda(lambda t: tf.math.cumsum(t, axis=1))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3)(x)
+    path = tmp_path / "cumsum.keras"
+    keras.Model(inp, out).save(path)
+    res = run_cli("export", str(path), "--formats", "tflite,onnx", "--precisions", "fp32,int8", "--calib", "random",
+                  "--out", str(tmp_path / "o"), "--no-cache", "--json", "--verify-samples", "2")
+    assert res.returncode == 1, res.stderr[-2000:]
+    m = json.loads(res.stdout)
+    arts = {a["id"]: a for a in m["artifacts"]}
+    assert arts["tflite-int8"]["status"] == "failed" and arts["tflite-int8"]["error"]
+    assert arts["tflite-int8"]["path"] is None
+    assert arts["tflite-fp32"]["status"] == "ok" and arts["onnx-fp32"]["status"] == "ok"
+    folder = tmp_path / "o" / "cumsum"
+    assert not (folder / "cumsum_int8.tflite").exists()
+    assert not list(folder.glob(".tmp-*"))
+    assert "1 of 4 artifacts failed" in res.stderr or "artifacts failed" in res.stderr
+
+
+def test_killed_export_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "-m", "edgepipe.pipeline", "export", "vgg16", "--weights", "none",
+                          "--input-size", "32", "--formats", "onnx,tflite", "--precisions", "fp32,fp16",
+                          "--out", str(out), "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    folder = out / "vgg16"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(folder.glob(".tmp-*")):
+        time.sleep(0.05)
+    assert list(folder.glob(".tmp-*")), "conversion never started"
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+    assert p.returncode != 0
+    assert not list(folder.glob(".tmp-*"))
+    if (folder / "manifest.json").exists():
+        m = json.loads((folder / "manifest.json").read_text())
+        listed = {a["path"] for a in m["artifacts"] if a["path"]}
+    else:
+        listed = set()
+    for f in folder.iterdir():
+        if f.suffix in (".tflite", ".onnx"):
+            assert f.name in listed, f"{f.name} is not a complete, recorded artifact"
