@@ -260,7 +260,7 @@ def _plan(art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[
     path = folder / art.path
     if row.size_bytes is None and path.is_file():
         row.size_bytes = path.stat().st_size
-    if art.format == "coreml" and sys.platform != "darwin":
+    if art.format == "coreml" and sys.platform != "darwin" and target != "reference":
         row.runtime = "coreml"
         row.reason = "Core ML runtime needs macOS"
         return row, None
@@ -569,6 +569,12 @@ def run_bench(manifest_path: str | os.PathLike, settings: Optional[BenchSettings
                     row = report.row(aid, t)
                     if row is not None:
                         row.agreement = _agreement({k: a[k] for k in a.files}, {k: b[k] for k in b.files})
+    gpu = report.targets.get("gpu", {}).get("tflite", {})
+    adapters = gpu.get("vulkan_adapters") or []
+    if adapters and all(a.get("type") == "cpu" for a in adapters):
+        for r in report.rows:
+            if r.ok and r.target == "gpu" and r.runtime == "litert":
+                r.notes.append(f"software GPU ({adapters[0].get('name')}): correctness only, not a speed figure")
     report.wall_s = time.perf_counter() - t_start
     return report
 

@@ -333,13 +333,16 @@ def svg_latency(rep: "BenchReport") -> str:
     height = top + max(1, len(rows)) * (bar_h + gap) + 30
     parts = [f'<svg id="plot-latency" class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
              f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="latency per artifact and target">',
-             f'<text x="{left}" y="16" class="title">Latency per artifact and target (bar p50, line p50–p90, ms)</text>']
+             ]
     if not rows:
+        parts.append(f'<text x="{left}" y="16" class="title">Latency per artifact and target</text>')
         parts.append(f'<text x="{left}" y="{top + 12}">no measured rows</text></svg>')
         return "\n".join(parts)
     hi = max(r.stat("p90") or r.stat("p50") for r in rows)
     lo = min(r.stat("p50") for r in rows)
     log = hi / max(lo, 1e-9) > 30
+    parts.append(f'<text x="{left}" y="16" class="title">Latency per artifact and target: bar p50, line p50–p90 '
+                 f'(ms{", log scale" if log else ""})</text>')
     sx = _Scale(lo / 2 if log else 0.0, hi * 1.05, left, width - right, log)
     for t in sx.ticks():
         x = sx(t)
@@ -362,8 +365,6 @@ def svg_latency(rep: "BenchReport") -> str:
                      f'stroke-width="2"/>')
         parts.append(f'<text x="{sx(p90) + 6:.1f}" y="{y + bar_h - 4}" class="value">{_ms(p50)} '
                      f'({_ms(p90)})</text>')
-    if log:
-        parts.append(f'<text x="{width - right}" y="{height - 12}" class="tick" text-anchor="start"> ms, log</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

@@ -252,6 +252,21 @@ def test_edgetpu_rows_unavailable_or_skipped_with_reasons(tiny_export):
     assert "libedgetpu" in compiled.reason
 
 
+def test_registered_runtime_measured_by_worker(tiny_export):
+    # Runtimes the standalone agent does not know (here the Core ML reference interpreter) are
+    # measured by bench's worker mode with the same method, in their own process too.
+    rep = run_bench(tiny_export, BenchSettings(targets=["reference"], artifacts=["coreml-fp32", "tflite-fp32"],
+                                               **FAST))
+    rows = _rows(rep)
+    ml = rows[("coreml-fp32", "reference")]
+    assert ml.status == "ok", ml.reason
+    assert ml.runner == "worker" and ml.runtime == "coreml-reference"
+    assert ml.latency_ms["n"] >= FAST["runs"] and 0 < ml.stat("p50") <= ml.stat("p90")
+    assert ml.input_source == "file" and ml.memory["peak_rss_kb"] > 0
+    lite = rows[("tflite-fp32", "reference")]
+    assert lite.status == "skipped" and "no runtime runs tflite" in lite.reason
+
+
 # --------------------------------------------------------------------------------------------- agent
 def test_agent_is_standalone_python39():
     src = AGENT.read_text()

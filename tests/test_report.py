@@ -95,12 +95,15 @@ def test_html_is_self_contained_with_three_plots(report):
 
 
 def test_compare_flags_regressions(report):
-    new = copy.deepcopy(report)
+    old = copy.deepcopy(report)
+    for r in _ok(old):  # tight intervals, so a doubling is clearly outside them
+        r.latency_ms["ci95_p50"] = [r.latency_ms["p50"] * 0.99, r.latency_ms["p50"] * 1.01]
+    new = copy.deepcopy(old)
     slow = _ok(new)[0]
     for k in ("p50", "p90", "p99", "mean", "min", "max"):
         slow.latency_ms[k] *= 2.0
     slow.latency_ms["ci95_p50"] = [x * 2.0 for x in slow.latency_ms["ci95_p50"]]
-    cmp = compare(report, new, threshold=0.10)
+    cmp = compare(old, new, threshold=0.10)
     regs = cmp.regressions
     assert [(c.artifact, c.target) for c in regs] == [(slow.artifact, slow.target)]
     assert regs[0].ratio == pytest.approx(2.0)
@@ -108,7 +111,14 @@ def test_compare_flags_regressions(report):
     same = [c for c in cmp.changes if c.verdict == "unchanged"]
     assert len(same) == len(_ok(report)) - 1 and all(c.ratio == pytest.approx(1.0) for c in same)
     assert cmp.same_host
-    back = compare(new, report)
+    # a 1.5x median whose interval overlaps the old one is flagged, and called noise
+    noisy = copy.deepcopy(old)
+    nr = _ok(noisy)[0]
+    p = nr.latency_ms["p50"]
+    nr.latency_ms["p50"], nr.latency_ms["ci95_p50"] = 1.5 * p, [0.9 * p, 3 * p]
+    c = [c for c in compare(old, noisy).changes if (c.artifact, c.target) == (nr.artifact, nr.target)][0]
+    assert c.verdict == "regression" and c.significant is False and "noise" in c.note
+    back = compare(new, old)
     assert [c.verdict for c in back.changes if c.artifact == slow.artifact and c.target == slow.target] == ["improvement"]
     md = render_markdown(new, cmp)
     assert "### Comparison" in md and "**regression**" in md
