@@ -165,20 +165,25 @@ def _print_table(m, folder: Path) -> None:
     from .cli import console
 
     c = console(stderr=False)
-    t = Table(title=f"{m.model.name} → {folder}")
-    for col in ("artifact", "size", "status", "verified", "centered cos", "max abs err", "top-1 agr", "convert s"):
-        t.add_column(col)
+    t = Table(title=f"{m.model.name} -> {folder}", title_justify="left")
+    for col, just in (("artifact", "left"), ("MB", "right"), ("status", "left"), ("check", "left"),
+                      ("corr", "right"), ("max err", "right"), ("top-1", "right"), ("s", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
     for a in m.artifacts:
         v = a.verification
-        size = f"{a.size_bytes / 1e6:.2f} MB" if a.size_bytes else "-"
-        status = {"ok": "[green]ok[/]", "verify_failed": "[red]verify failed[/]"}.get(a.status, f"[red]{a.status}[/]")
+        size = f"{a.size_bytes / 1e6:.2f}" if a.size_bytes else "-"
+        status = {"ok": "[green]ok[/]", "verify_failed": "[red]mismatch[/]"}.get(a.status, f"[red]{a.status}[/]")
         fmt = lambda x, f: "-" if x is None else format(x, f)
-        vstat = v.status if v.status != "not_verified" else (v.reason or "not verified")
-        t.add_row(a.id, size, status, vstat, fmt(v.centered_cosine, ".5f"), fmt(v.max_abs, ".3g"),
+        check = {"passed": "[green]passed[/]", "failed": "[red]failed[/]"}.get(v.status, v.status.replace("_", " "))
+        t.add_row(a.id, size, status, check, fmt(v.centered_cosine, ".4f"), fmt(v.max_abs, ".2g"),
                   fmt(v.top1_agreement, ".2f"), fmt(a.timings.get("convert_s"), ".1f"))
     c.print(t)
+    c.print("corr: correlation with the source model's outputs (log-probabilities for softmax outputs); "
+            "check: run in its runtime and compared (Core ML on Linux: edgepipe's reference interpreter)")
     for a in m.artifacts:
         if a.error:
             c.print(f"[red]{a.id}[/]: {a.error}")
+        elif a.verification.status == "not_verified":
+            c.print(f"[yellow]{a.id}[/]: {a.verification.reason}")
     if m.extra.get("cache", {}).get("hit"):
         c.print(f"reused cached export ({m.extra['cache']['seconds']} s)")
