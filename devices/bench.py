@@ -116,14 +116,15 @@ class BenchRow:
     wall_s: Optional[float] = None
     loadavg: Optional[list] = None
     notes: list = field(default_factory=list)
+    device: str = "local"  # where it ran: "local", or a registered device's name (devices/remote.py)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.artifact, self.target, self.runtime)
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.device, self.artifact, self.target, self.runtime)
 
     def stat(self, name: str) -> Optional[float]:
         v = (self.latency_ms or {}).get(name)
@@ -142,6 +143,7 @@ class BenchReport:
     created: Optional[str] = None
     wall_s: Optional[float] = None
     edgepipe_version: Optional[str] = None
+    devices: dict = field(default_factory=dict)  # device name -> its identity and facts (one per runner)
     schema_version: int = SCHEMA_VERSION
     kind: str = REPORT_KIND
 
@@ -251,8 +253,6 @@ def _plan(art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[
 
     row = BenchRow(artifact=art.id, format=art.format, precision=art.precision, target=target, runtime="-",
                    status="skipped", path=art.path, size_bytes=art.size_bytes)
-    if art.status == "verify_failed":
-        row.notes.append("verification failed at export: figures are for a model that does not match its source")
     if art.status not in ("ok", "verify_failed"):
         row.reason = (f"export failed: {art.error}" if art.status == "failed" and art.error
                       else f"export {art.status}: no artifact to run")
@@ -260,14 +260,14 @@ def _plan(art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[
     path = folder / art.path
     if row.size_bytes is None and path.is_file():
         row.size_bytes = path.stat().st_size
-    if art.format == "coreml" and sys.platform != "darwin" and target != "reference":
-        row.runtime = "coreml"
-        row.reason = "Core ML runtime needs macOS"
-        return row, None
-    if target == "edgetpu" and art.precision not in EDGETPU_PRECISIONS:
+    if target == "edgetpu" and (art.precision not in EDGETPU_PRECISIONS or art.format not in ("tflite", "edgetpu")):
         row.runtime = "litert-edgetpu"
         row.reason = (f"the Edge TPU runs only full-int8 TFLite artifacts compiled with edgetpu_compiler; "
                       f"this one is {art.precision} {art.format}")
+        return row, None
+    if art.format == "coreml" and sys.platform != "darwin" and target != "reference":
+        row.runtime = "coreml"
+        row.reason = "Core ML runtime needs macOS"
         return row, None
     afmt = _agent_format(art, path)
     rts = runtimes_for(art.format, target)
@@ -415,6 +415,13 @@ def run_row(job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path], o
         row.stderr_tail = _tail(err)
         return row
     row.wall_s = time.perf_counter() - t0
+    return apply_agent_output(row, r.returncode, r.stdout, r.stderr)
+
+
+def apply_agent_output(row: BenchRow, returncode: int, stdout: str, stderr: str) -> BenchRow:
+    """Fill ``row`` from what one agent run printed (its JSON line) and its exit status (negative: the
+    signal that killed it). Shared by the local subprocess and the remote runners (devices/remote.py)."""
+    r = subprocess.CompletedProcess([], returncode, stdout or "", stderr or "")
     row.stderr_tail = _tail(r.stderr) or None
     d = None
     for line in reversed(r.stdout.strip().splitlines()):
@@ -496,9 +503,48 @@ def resolve_targets(spec: Optional[str | list[str]]) -> list[str]:
     return out
 
 
-def run_bench(manifest_path: str | os.PathLike, settings: Optional[BenchSettings] = None,
-              targets: Optional[list[str] | str] = None, progress: Optional[ProgressFn] = None) -> BenchReport:
-    """Measure every selected artifact on every target. Bad input raises UserError before any work."""
+class LocalRunner:
+    """Where and how run_bench measures: this host, the agent in a fresh local subprocess.
+
+    The seam for remote devices: a runner has a ``name`` (the rows' ``device``) and answers
+    ``identity()``, ``facts()`` (the report's host facts), ``probe(target)``, ``default_threads()``,
+    ``plan(artifact, target, folder) -> (BenchRow, job or None)`` and
+    ``run(job, settings, threads, inputs, outputs) -> BenchRow``. devices/remote.py has the ssh and
+    adb runners; their callers open the connection around run_bench (``with runner: ...``).
+    """
+
+    name = "local"
+
+    def identity(self) -> dict:
+        return {"kind": "local", "hostname": host.platform.node()}
+
+    def facts(self) -> dict:
+        return host.host_facts()
+
+    def probe(self, target: str) -> dict:
+        return host.probe_target(target)
+
+    def default_threads(self) -> int:
+        return host.default_threads()
+
+    def plan(self, art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[_Job]]:
+        return _plan(art, target, folder)
+
+    def run(self, job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path],
+            outputs: Optional[Path]) -> BenchRow:
+        return run_row(job, s, threads, inputs, outputs)
+
+
+def run_bench(manifest_path: str | os.PathLike, targets: Optional[list[str] | str] = None,
+              settings: Optional[BenchSettings] = None, progress: Optional[ProgressFn] = None,
+              runner: Optional[LocalRunner] = None) -> BenchReport:
+    """Measure every selected artifact on every target (``targets`` overrides ``settings.targets``).
+    ``runner`` decides where it runs (default: this host; devices/remote.py: ssh boards, adb phones).
+
+    Bad input (unknown target or artifact, missing or corrupt artifact, newer manifest) raises
+    UserError before any measurement. ``progress(event, row, done, total)`` is called with
+    event "start"/"done" around each measured row.
+    """
     s = settings or BenchSettings()
     if targets is not None:
         s.targets = resolve_targets(targets)
@@ -512,13 +558,14 @@ def run_bench(manifest_path: str | os.PathLike, settings: Optional[BenchSettings
     if not arts:
         raise UserError(f"the manifest at {folder} lists no artifacts", "Run `edgepipe export` first")
     _preflight(arts, folder)
-    threads = s.threads or host.default_threads()
+    runner = runner or LocalRunner()
+    threads = s.threads or runner.default_threads()
     t_start = time.perf_counter()
     report = BenchReport(
         model={"name": manifest.model.name, "input_shape": manifest.model.input_shape,
                "num_classes": manifest.model.num_classes, "source_kind": manifest.model.kind},
         manifest=str(folder / "manifest.json"),
-        host=host.host_facts(),
+        host=runner.facts(),
         settings={"targets": s.targets, "threads": threads, "runs": s.runs, "min_seconds": s.min_seconds,
                   "warmup": s.warmup, "artifacts": s.artifacts, "profile": s.profile, "timeout_s": s.timeout_s},
         method={
@@ -535,9 +582,12 @@ def run_bench(manifest_path: str | os.PathLike, settings: Optional[BenchSettings
         edgepipe_version=host.pkg_version("edgepipe"),
     )
     for t in s.targets:
-        report.targets[t] = host.probe_target(t) if t in BENCH_TARGETS else {}
-    plans = [_plan(a, t, folder) for a in arts for t in s.targets]
+        report.targets[t] = runner.probe(t) if t in BENCH_TARGETS else {}
+    plans = [runner.plan(a, t, folder) for a in arts for t in s.targets]
     report.rows = [r for r, _ in plans]
+    for r in report.rows:
+        r.device = runner.name
+    report.devices = {runner.name: runner.identity()}
     jobs = [j for _, j in plans if j is not None]
     # cpu first: it is the reference the other targets' outputs are compared with
     jobs.sort(key=lambda j: (j.row.target != "cpu",))
@@ -553,7 +603,7 @@ def run_bench(manifest_path: str | os.PathLike, settings: Optional[BenchSettings
             if progress:
                 progress("start", job.row, i, len(jobs))
             out_npz = tmp / f"out-{i}.npz" if s.agreement else None
-            run_row(job, s, threads, inputs, out_npz)
+            runner.run(job, s, threads, inputs, out_npz)
             if out_npz is not None and job.row.ok and out_npz.exists():
                 outs[(job.row.artifact, job.row.target)] = out_npz
             if progress:
@@ -569,6 +619,10 @@ def run_bench(manifest_path: str | os.PathLike, settings: Optional[BenchSettings
                     row = report.row(aid, t)
                     if row is not None:
                         row.agreement = _agreement({k: a[k] for k in a.files}, {k: b[k] for k in b.files})
+    unverified = {a.id for a in arts if a.status == "verify_failed"}
+    for r in report.rows:
+        if r.ok and r.artifact in unverified:
+            r.notes.append("verification failed at export: figures are for a model that does not match its source")
     gpu = report.targets.get("gpu", {}).get("tflite", {})
     adapters = gpu.get("vulkan_adapters") or []
     if adapters and all(a.get("type") == "cpu" for a in adapters):

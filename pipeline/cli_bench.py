@@ -103,7 +103,7 @@ def bench(
                 fig = f"p50 {row.stat('p50'):.3f} ms" if row.ok and row.stat("p50") else (row.reason or "")
                 con.print(f"[{i}/{n}] {row.artifact} on {row.target}: {row.status} {fig}")
 
-        report = run_bench(out_or_manifest, settings, progress=on_progress)
+        report = run_bench(out_or_manifest, settings=settings, progress=on_progress)
     cmp = compare(old, report, threshold) if old is not None else None
     paths = write_reports(report, out_dir, cmp)
     failed = [r for r in report.rows if r.status == "failed"]

@@ -155,7 +155,7 @@ def export_copy(tiny_export, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_report(tiny_export) -> BenchReport:
-    return run_bench(tiny_export, BenchSettings(targets=["cpu"], profile=True, **FAST))
+    return run_bench(tiny_export, settings=BenchSettings(targets=["cpu"], profile=True, **FAST))
 
 
 def _rows(report: BenchReport) -> dict:
@@ -225,7 +225,7 @@ def test_crashing_runtime_fails_only_its_row(tiny_export, monkeypatch):
     # Test hook documented in devices/agent.py: the agent SIGSEGVs itself when the artifact's
     # file name contains EDGEPIPE_AGENT_CRASH, right after loading the model.
     monkeypatch.setenv("EDGEPIPE_AGENT_CRASH", "tiny_int8")
-    rep = run_bench(tiny_export, BenchSettings(targets=["cpu"], artifacts=["tflite-fp32", "tflite-int8", "onnx-fp32"],
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["cpu"], artifacts=["tflite-fp32", "tflite-int8", "onnx-fp32"],
                                                agreement=False, **FAST))
     rows = _rows(rep)
     crashed = rows[("tflite-int8", "cpu")]
@@ -237,7 +237,7 @@ def test_crashing_runtime_fails_only_its_row(tiny_export, monkeypatch):
 
 
 def test_edgetpu_rows_unavailable_or_skipped_with_reasons(tiny_export):
-    rep = run_bench(tiny_export, BenchSettings(targets=["edgetpu"], **FAST))
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["edgetpu"], **FAST))
     rows = _rows(rep)
     assert {r.status for r in rep.rows} <= {"skipped", "unavailable", "ok"}
     assert all(r.reason for r in rep.rows if r.status != "ok")
@@ -255,7 +255,7 @@ def test_edgetpu_rows_unavailable_or_skipped_with_reasons(tiny_export):
 def test_registered_runtime_measured_by_worker(tiny_export):
     # Runtimes the standalone agent does not know (here the Core ML reference interpreter) are
     # measured by bench's worker mode with the same method, in their own process too.
-    rep = run_bench(tiny_export, BenchSettings(targets=["reference"], artifacts=["coreml-fp32", "tflite-fp32"],
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["reference"], artifacts=["coreml-fp32", "tflite-fp32"],
                                                **FAST))
     rows = _rows(rep)
     ml = rows[("coreml-fp32", "reference")]

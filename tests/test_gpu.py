@@ -108,7 +108,7 @@ def test_gpu_refuses_to_share_a_process_with_tensorflow(gpu_probe, tiny_export):
 
 
 def test_bench_gpu_rows(gpu_probe, tiny_export):
-    rep = run_bench(tiny_export, BenchSettings(targets=["cpu", "gpu"], runs=5, min_seconds=0.0, warmup=1, threads=1,
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["cpu", "gpu"], runs=5, min_seconds=0.0, warmup=1, threads=1,
                                                artifacts=["tflite-fp32", "tflite-dynbatch", "onnx-fp32"]))
     rows = {(r.artifact, r.target): r for r in rep.rows}
     r = rows[("tflite-fp32", "gpu")]

@@ -34,7 +34,7 @@ def tiny_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(tiny_export) -> BenchReport:
-    return run_bench(tiny_export, BenchSettings(targets=["cpu", "edgetpu"], runs=8, min_seconds=0.0, warmup=1,
+    return run_bench(tiny_export, settings=BenchSettings(targets=["cpu", "edgetpu"], runs=8, min_seconds=0.0, warmup=1,
                                                 threads=1, profile=True))
 
 
