@@ -1,0 +1,339 @@
+"""`edgepipe check`: the CI gate. eval.json x budgets -> pass/fail rows, JUnit XML, Markdown.
+
+Budgets follow Olive's evaluator shape: a typed config holding, per metric, a goal of type
+"max degradation" (the largest allowed drop, in percentage points, of the artifact against the
+source model on the same images), with overrides by precision, format or artifact id
+(most specific wins: artifact id > precision > format > default).
+
+    GateConfig(budgets=[Budget("top1", 1.0, {"int8": 1.5})], require_verified=True)
+
+Rows
+    * one per (artifact, target, metric) that eval ran: pass when drop <= budget;
+    * an artifact whose export failed, or whose evaluation errored: fail;
+    * targets eval skipped (runtime unavailable here): listed as skipped, never fail;
+    * ``require_verified``: one row per artifact, fail unless verification passed;
+    * ``require_full_edgetpu``: one row per artifact carrying ``extra["edgetpu"]``, fail when
+      any op would run on the CPU (``edgepipe.devices.edgetpu.require_full_edgetpu``).
+The gate fails (``GateFailure``, exit 1) when any row fails. numpy-free, TensorFlow-free.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import GateFailure, UserError
+from .evaluate import METRIC_LABELS, METRICS, load_eval
+from .manifest import Manifest, load_manifest
+from .util import write_text_atomic
+
+EPS = 1e-9
+
+
+@dataclass
+class Budget:
+    """Max degradation of one metric, in percentage points, with per-selector overrides."""
+
+    metric: str = "top1"
+    max_drop: float = 1.0
+    overrides: dict[str, float] = field(default_factory=dict)  # artifact id | precision | format -> points
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric '{self.metric}'", f"Use one of: {', '.join(METRICS)}")
+        for k, v in [("default", self.max_drop), *self.overrides.items()]:
+            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+                raise UserError(f"bad max drop {v!r} for {k}", "Give a non-negative number of percentage points")
+
+    def for_artifact(self, artifact_id: str, fmt: str, precision: str) -> tuple[float, str]:
+        """(budget, where it came from)."""
+        for key in (artifact_id, precision, fmt):
+            if key in self.overrides:
+                return float(self.overrides[key]), key
+        return float(self.max_drop), "default"
+
+
+@dataclass
+class GateConfig:
+    budgets: list[Budget] = field(default_factory=lambda: [Budget()])
+    require_verified: bool = False
+    require_full_edgetpu: bool = False
+
+
+@dataclass
+class CheckRow:
+    artifact: str
+    format: str
+    precision: str
+    check: str  # top1 | top5 | agreement | verified | edgetpu | export | eval
+    target: Optional[str] = None
+    runtime: Optional[str] = None
+    source_value: Optional[float] = None
+    artifact_value: Optional[float] = None
+    drop: Optional[float] = None
+    budget: Optional[float] = None
+    budget_from: Optional[str] = None
+    status: str = "pass"  # pass | fail | skipped
+    reason: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        where = f" on {self.target}" if self.target else ""
+        what = METRIC_LABELS.get(self.check, self.check)
+        return f"{self.artifact}{where}: {what}"
+
+
+@dataclass
+class CheckResult:
+    model: str
+    folder: str
+    dataset: dict
+    config: GateConfig
+    rows: list[CheckRow]
+
+    @property
+    def failed(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.status == "fail"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "folder": self.folder, "passed": self.passed,
+                "failed": len(self.failed), "checks": len(self.rows),
+                "skipped": sum(r.status == "skipped" for r in self.rows),
+                "dataset": self.dataset, "config": asdict(self.config),
+                "rows": [asdict(r) | {"name": r.name} for r in self.rows]}
+
+    def summary_line(self) -> str:
+        n = len([r for r in self.rows if r.status != "skipped"])
+        if self.passed:
+            return f"{self.model}: all {n} checks passed"
+        return f"{self.model}: {len(self.failed)} of {n} checks failed"
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_overrides(items: Optional[Sequence[str]], m: Optional[Manifest] = None) -> dict[str, float]:
+    """["int8=1.5", "onnx-int8=2"] -> {"int8": 1.5, "onnx-int8": 2.0}; selectors checked against the manifest."""
+    from edgepipe.export.base import PRECISIONS
+
+    out: dict[str, float] = {}
+    for raw in items or []:
+        for item in (s.strip() for s in raw.split(",")):
+            if not item:
+                continue
+            mt = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*=\s*([0-9]*\.?[0-9]+)", item)
+            if not mt:
+                raise UserError(f"malformed --max-drop-for '{item}'",
+                                "Write SELECTOR=POINTS, e.g. --max-drop-for int8=1.5 (selector: precision, format or artifact id)")
+            key, val = mt.group(1), float(mt.group(2))
+            if m is not None:
+                known = set(PRECISIONS) | {a.format for a in m.artifacts} | {a.id for a in m.artifacts}
+                if key not in known:
+                    raise UserError(f"--max-drop-for '{key}' matches no precision, format or artifact",
+                                    f"Use one of: {', '.join(sorted(known))}")
+            out[key] = val
+    return out
+
+
+def parse_metrics(spec: Optional[str]) -> list[str]:
+    ms = [s.strip().lower().replace("-", "") for s in (spec or "top1").split(",") if s.strip()]
+    for mt in ms:
+        if mt not in METRICS:
+            raise UserError(f"unknown metric '{mt}'", f"Use one of: {', '.join(METRICS)}")
+    return list(dict.fromkeys(ms))
+
+
+# --------------------------------------------------------------------------- the gate
+def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
+    m, folder = load_manifest(model_dir)
+    ev, ev_path = load_eval(folder)
+    _check_fresh(m, ev, ev_path)
+    rows: list[CheckRow] = []
+    by_art: dict[str, list[dict]] = {}
+    for r in ev.get("results", []):
+        by_art.setdefault(r["artifact"], []).append(r)
+    source = ev["source"]
+    for a in m.artifacts:
+        if not a.path:
+            rows.append(CheckRow(a.id, a.format, a.precision, "export", status="fail",
+                                 reason=f"export failed: {a.error or a.status}"))
+            continue
+        for r in by_art.get(a.id, []):
+            if r["status"] == "skipped":
+                rows.append(CheckRow(a.id, a.format, a.precision, "eval", r.get("target"), r.get("runtime"),
+                                     status="skipped", reason=r.get("reason")))
+                continue
+            if r["status"] != "ok":
+                rows.append(CheckRow(a.id, a.format, a.precision, "eval", r.get("target"), r.get("runtime"),
+                                     status="fail", reason=f"evaluation failed: {r.get('reason')}"))
+                continue
+            for b in config.budgets:
+                budget, origin = b.for_artifact(a.id, a.format, a.precision)
+                src_v = 100.0 if b.metric == "agreement" else source[b.metric]
+                drop = r["drop"][b.metric]
+                ok = drop <= budget + EPS
+                reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {budget:g} points"
+                                          f" ({r.get('lost', 0)} images lost, {r.get('gained', 0)} gained)")
+                rows.append(CheckRow(a.id, a.format, a.precision, b.metric, r.get("target"), r.get("runtime"),
+                                     src_v, r[b.metric], drop, budget, origin, "pass" if ok else "fail", reason))
+        if config.require_verified:
+            v = a.verification
+            ok = v.status == "passed"
+            rows.append(CheckRow(a.id, a.format, a.precision, "verified", v.checker, None, status="pass" if ok else "fail",
+                                 reason=None if ok else f"verification {v.status}" + (f": {v.reason}" if v.reason else "")))
+    if config.require_full_edgetpu:
+        rows.extend(_edgetpu_rows(m))
+    return CheckResult(m.model.name, str(folder), ev.get("dataset", {}), config, rows)
+
+
+def _check_fresh(m: Manifest, ev: dict, ev_path: Path) -> None:
+    evaluated = {}
+    for r in ev.get("results", []):
+        evaluated.setdefault(r["artifact"], r.get("sha256"))
+    for a in m.artifacts:
+        if not a.path:
+            continue
+        if a.id not in evaluated:
+            raise UserError(f"{ev_path} has no results for artifact {a.id} (exported after the evaluation?)",
+                            f"Re-run `edgepipe eval {ev_path.parent} --data ...`")
+        if a.sha256 and evaluated[a.id] and evaluated[a.id] != a.sha256:
+            raise UserError(f"{ev_path} is stale: {a.id} changed since it was evaluated",
+                            f"Re-run `edgepipe eval {ev_path.parent} --data ...`")
+
+
+def _edgetpu_rows(m: Manifest) -> list[CheckRow]:
+    from edgepipe.devices.edgetpu import require_full_edgetpu
+
+    rows = []
+    for a in m.artifacts:
+        report = (a.extra or {}).get("edgetpu")
+        if not report:
+            continue
+        try:
+            require_full_edgetpu(report)
+            counts = report.get("counts") or {}
+            rows.append(CheckRow(a.id, a.format, a.precision, "edgetpu", "edgetpu", status="pass",
+                                 artifact_value=counts.get("edgetpu"), source_value=counts.get("total")))
+        except GateFailure as e:
+            rows.append(CheckRow(a.id, a.format, a.precision, "edgetpu", "edgetpu", status="fail",
+                                 reason=e.message.splitlines()[0]))
+    if not rows:
+        ids = ", ".join(a.id for a in m.artifacts) or "none"
+        raise UserError(f"--require-full-edgetpu: no artifact carries an Edge TPU analysis (artifacts: {ids})",
+                        "Export one with `edgepipe export ... --int8 --targets edgetpu` (or --formats edgetpu), "
+                        "or drop --require-full-edgetpu")
+    return rows
+
+
+# --------------------------------------------------------------------------- reports
+def _fmt(v: Optional[float], nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _dataset_line(ds: dict) -> str:
+    src = ds.get("source", "?")
+    where = ds.get("location") or ""
+    split = f" {ds['split']} split" if ds.get("split") else ""
+    return f"{src}{split}{' ' + where if where and src == 'folder' else ''}, {ds.get('samples', '?')} images"
+
+
+def _budget_line(cfg: GateConfig) -> str:
+    parts = []
+    for b in cfg.budgets:
+        s = f"{METRIC_LABELS[b.metric]} max drop {b.max_drop:g} points"
+        if b.overrides:
+            s += " (" + ", ".join(f"{k}: {v:g}" for k, v in b.overrides.items()) + ")"
+        parts.append(s)
+    if cfg.require_verified:
+        parts.append("verification must pass")
+    if cfg.require_full_edgetpu:
+        parts.append("Edge TPU artifacts fully mapped")
+    return "; ".join(parts)
+
+
+def render_markdown(res: CheckResult) -> str:
+    icon = {"pass": "✅ pass", "fail": "❌ FAIL", "skipped": "⏭️ skipped"}
+    head = "✅ passed" if res.passed else f"❌ {len(res.failed)} failed"
+    lines = [f"### edgepipe check: {res.model}: {head}", "",
+             f"Budgets: {_budget_line(res.config)}. Data: {_dataset_line(res.dataset)}.", "",
+             "| artifact | target | check | source | artifact | drop | budget | result |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in res.rows:
+        budget = "-" if r.budget is None else f"{r.budget:g}" + (f" ({r.budget_from})" if r.budget_from not in (None, "default") else "")
+        lines.append(f"| {r.artifact} | {r.target or '-'} | {METRIC_LABELS.get(r.check, r.check)} | "
+                     f"{_fmt(r.source_value)} | {_fmt(r.artifact_value)} | {_fmt(r.drop)} | {budget} | {icon[r.status]} |")
+    notes = [r for r in res.rows if r.reason and r.status != "pass"]
+    if notes:
+        lines.append("")
+        for r in notes:
+            lines.append(f"- **{r.name}**: {_md_escape(r.reason)}")
+    return "\n".join(lines) + "\n"
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def render_junit(res: CheckResult) -> str:
+    import xml.etree.ElementTree as ET
+
+    n_fail = len(res.failed)
+    n_skip = sum(r.status == "skipped" for r in res.rows)
+    suites = ET.Element("testsuites", name="edgepipe check", tests=str(len(res.rows)), failures=str(n_fail),
+                        errors="0", skipped=str(n_skip))
+    suite = ET.SubElement(suites, "testsuite", name=f"edgepipe check: {res.model}", tests=str(len(res.rows)),
+                          failures=str(n_fail), errors="0", skipped=str(n_skip))
+    props = ET.SubElement(suite, "properties")
+    ET.SubElement(props, "property", name="budgets", value=_budget_line(res.config))
+    ET.SubElement(props, "property", name="data", value=_dataset_line(res.dataset))
+    for r in res.rows:
+        tc = ET.SubElement(suite, "testcase", classname=f"edgepipe.{res.model}.{r.artifact}", name=r.name)
+        detail = (f"source {_fmt(r.source_value)}, artifact {_fmt(r.artifact_value)}, drop {_fmt(r.drop)}, "
+                  f"budget {'-' if r.budget is None else f'{r.budget:g}'}")
+        if r.status == "fail":
+            f = ET.SubElement(tc, "failure", message=r.reason or "failed", type=f"edgepipe.{r.check}")
+            f.text = detail
+        elif r.status == "skipped":
+            ET.SubElement(tc, "skipped", message=r.reason or "skipped")
+        else:
+            ET.SubElement(tc, "system-out").text = detail
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def write_reports(res: CheckResult, junit: Optional[str | os.PathLike] = None,
+                  markdown: Optional[str | os.PathLike] = None, step_summary: bool = True) -> list[str]:
+    """Write the JUnit and Markdown files asked for; append the Markdown to $GITHUB_STEP_SUMMARY when set."""
+    written = []
+    md = None
+    if junit:
+        write_text_atomic(junit, render_junit(res))
+        written.append(str(junit))
+    if markdown:
+        md = render_markdown(res)
+        write_text_atomic(markdown, md)
+        written.append(str(markdown))
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary and summary:
+        try:
+            with open(summary, "a", encoding="utf-8") as fh:
+                fh.write((md or render_markdown(res)) + "\n")
+            written.append(summary)
+        except OSError:
+            pass  # the summary is a courtesy; the gate's verdict stands
+    return written
+
+
+def enforce(res: CheckResult) -> None:
+    """Raise GateFailure naming the failing rows."""
+    if res.passed:
+        return
+    shown = "; ".join(f"{r.name} ({r.reason})" for r in res.failed[:6])
+    more = f"; and {len(res.failed) - 6} more" if len(res.failed) > 6 else ""
+    raise GateFailure(f"{res.summary_line()}: {shown}{more}",
+                      "See the table above (or --markdown/--junit output)")
