@@ -17,7 +17,7 @@ import typer
 
 from .errors import EdgepipeError
 
-CLI_MODULES = ["edgepipe.pipeline.cli_export", "edgepipe.pipeline.cli_inspect", "edgepipe.pipeline.cli_bench"]
+CLI_MODULES = ["edgepipe.pipeline.cli_export", "edgepipe.pipeline.cli_inspect", "edgepipe.pipeline.cli_bench", "edgepipe.pipeline.cli_eval"]
 
 app = typer.Typer(
     name="edgepipe",
