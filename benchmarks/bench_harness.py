@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -158,29 +159,43 @@ def main(argv=None) -> int:
         folder = tmp / "export"
         folder.mkdir()
         model = export_mobilenet(folder, a.size, a.alpha)
+        methods = {
+            "edgepipe_bench": lambda: run_edgepipe_bench(folder, a.threads, a.runs, a.warmup),
+            "litert_tool": lambda: run_litert_tool(model, a.threads, a.runs, a.warmup, tmp),
+            "agent_compiled_model": lambda: run_agent(model, a.threads, a.runs, a.warmup, "compiled_model"),
+            "bare_invoke": lambda: run_bare(str(model), a.threads, a.runs, a.warmup),
+        }
+        rng = random.Random(0)
+        load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
         rounds = []
         for i in range(a.rounds):
-            rd = {
-                "edgepipe_bench": run_edgepipe_bench(folder, a.threads, a.runs, a.warmup),
-                "litert_tool": run_litert_tool(model, a.threads, a.runs, a.warmup, tmp),
-                "agent_compiled_model": run_agent(model, a.threads, a.runs, a.warmup, "compiled_model"),
-                "bare_invoke": run_bare(str(model), a.threads, a.runs, a.warmup),
-            }
-            rounds.append(rd)
-            print(f"round {i + 1}/{a.rounds}: " + ", ".join(f"{k} p50 {v['p50']:.2f} ms" for k, v in rd.items()),
+            order = list(methods)
+            rng.shuffle(order)  # no method always runs first (or right after the export)
+            rd = {k: methods[k]() for k in order}
+            rounds.append({k: rd[k] for k in methods})
+            print(f"round {i + 1}/{a.rounds}: " + ", ".join(f"{k} p50 {rd[k]['p50']:.2f} ms" for k in methods),
                   file=sys.stderr)
-        med = {k: statistics.median(r[k]["p50"] for r in rounds) for k in rounds[0]}
+        load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+        med = {k: statistics.median(r[k]["p50"] for r in rounds) for k in methods}
+        # paired per-round ratios: drift on a shared machine hits both sides of a pair alike
+        pair = {
+            "edgepipe_bench/litert_tool": [r["edgepipe_bench"]["p50"] / r["litert_tool"]["p50"] for r in rounds],
+            "agent_compiled_model/litert_tool": [r["agent_compiled_model"]["p50"] / r["litert_tool"]["p50"]
+                                                 for r in rounds],
+            "edgepipe_bench/bare_invoke": [r["edgepipe_bench"]["p50"] / r["bare_invoke"]["p50"] for r in rounds],
+        }
         tiny = tiny_overhead(a.threads, 2000, tmp)
         size = model.stat().st_size
 
     res = {
         "model": f"MobileNet v1 {a.size}x{a.size} alpha {a.alpha} fp32 TFLite ({size / 1e6:.1f} MB), weights=None",
         "threads": a.threads, "runs": a.runs, "warmup": a.warmup, "rounds": a.rounds,
+        "loadavg_before": load_before, "loadavg_after": load_after,
         "median_of_round_p50_ms": med,
-        "ratio_edgepipe_bench_to_litert_tool": med["edgepipe_bench"] / med["litert_tool"],
-        "ratio_agent_compiled_model_to_litert_tool": med["agent_compiled_model"] / med["litert_tool"],
-        "overhead_vs_bare_invoke_mobilenet_ms": med["edgepipe_bench"] - med["bare_invoke"],
-        "overhead_vs_bare_invoke_mobilenet_pct": 100 * (med["edgepipe_bench"] / med["bare_invoke"] - 1),
+        "paired_ratios": pair,
+        "ratio_edgepipe_bench_to_litert_tool": statistics.median(pair["edgepipe_bench/litert_tool"]),
+        "ratio_agent_compiled_model_to_litert_tool": statistics.median(pair["agent_compiled_model/litert_tool"]),
+        "overhead_vs_bare_invoke_mobilenet_pct": 100 * (statistics.median(pair["edgepipe_bench/bare_invoke"]) - 1),
         "one_op_model": tiny,
         "rounds_detail": rounds,
     }
@@ -190,11 +205,16 @@ def main(argv=None) -> int:
     print(f"{res['model']}, {a.threads} threads, {a.runs} runs after {a.warmup} warm-up, median of {a.rounds} rounds")
     for k, v in med.items():
         print(f"  {k:22s} p50 {v:8.3f} ms")
+    rng_txt = lambda xs: f"rounds {min(xs):.3f}-{max(xs):.3f}"  # noqa: E731
     print(f"  ratio edgepipe bench / LiteRT tool          {res['ratio_edgepipe_bench_to_litert_tool']:.3f}"
-          "  (goal 0.97-1.03)")
-    print(f"  ratio agent (CompiledModel) / LiteRT tool   {res['ratio_agent_compiled_model_to_litert_tool']:.3f}")
-    print(f"  edgepipe bench - bare invoke() (MobileNet)  {res['overhead_vs_bare_invoke_mobilenet_ms'] * 1000:+.0f} us "
-          f"({res['overhead_vs_bare_invoke_mobilenet_pct']:+.1f}%)")
+          f"  (goal 0.97-1.03; median of paired rounds, {rng_txt(pair['edgepipe_bench/litert_tool'])})")
+    print(f"  ratio agent (CompiledModel) / LiteRT tool   {res['ratio_agent_compiled_model_to_litert_tool']:.3f}"
+          f"  ({rng_txt(pair['agent_compiled_model/litert_tool'])})")
+    print(f"  edgepipe bench vs bare invoke() (MobileNet) {res['overhead_vs_bare_invoke_mobilenet_pct']:+.1f}%"
+          f"  ({rng_txt(pair['edgepipe_bench/bare_invoke'])})")
+    if load_before:
+        print(f"  load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+              f"on {os.cpu_count()} logical cores")
     print(f"  one-op model: agent {tiny['agent_p50_us']:.1f} us, bare invoke {tiny['bare_invoke_p50_us']:.1f} us, "
           f"harness overhead {tiny['overhead_us']:+.1f} us per run")
     return 0
