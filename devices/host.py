@@ -243,7 +243,8 @@ def target_table(probe: bool = True) -> list[dict]:
     for rt in all_runtimes():
         seen.add((rt.target, tuple(rt.formats)))
         try:
-            why = rt.available()
+            # about the host (a fresh process), not this process: see LiteRTGPU.host_available
+            why = getattr(rt, "host_available", rt.available)()
         except Exception as e:  # a runtime's own check must not take the listing down
             why = f"availability check failed: {e}"
         try:
