@@ -335,7 +335,10 @@ def manifest_inputs(manifest: Manifest, folder: Path, tmp: Path) -> tuple[Option
                         a = z[key]
                         if a.dtype.kind == "f" and a.ndim >= 2 and (want is None or list(a.shape[1:]) == want):
                             out = tmp / "inputs.npz"
-                            np.savez(out, inputs=a[:32].astype(np.float32))
+                            extra = {}
+                            if "raw" in z.files and z["raw"].shape[0] >= min(32, a.shape[0]):
+                                extra["raw"] = z["raw"][:32].astype(np.float32)  # 0-255 pixels, image inputs
+                            np.savez(out, inputs=a[:32].astype(np.float32), **extra)
                             return out, f"{c.name}:{key}"
         except Exception:  # noqa: BLE001 - an unreadable reference only means random inputs
             continue
@@ -681,6 +684,16 @@ def _worker(spec: dict) -> int:
                              "scale": list((t.quantization or {}).get("scale") or []),
                              "zero_point": list((t.quantization or {}).get("zero_point") or [])}
                             for t in self.session.outputs]
+
+            # Core ML ImageType inputs take raw 0-255 pixels, not the preprocessed tensor
+            if getattr(self.session, "input_kind", "tensor") == "image" and args.inputs:
+                import numpy as np
+
+                with np.load(args.inputs) as z:
+                    if "raw" in z.files:
+                        raw = Path(args.inputs).with_name("inputs-raw.npz")
+                        np.savez(raw, inputs=z["raw"])
+                        args.inputs = str(raw)
 
         def run(self, feeds):
             return self.session.run_native(feeds)
