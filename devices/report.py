@@ -453,7 +453,7 @@ body{font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,sans-seri
 h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px}
 .meta{color:#555;margin:2px 0} table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top} th{background:#f4f4f4}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.failed td{background:#fdecea} tr.skipped td,tr.unavailable td{color:#777}
 .badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px}
 .b-ok{background:#e6f4ea} .b-failed{background:#f8d7da} .b-skipped,.b-unavailable{background:#eee}
