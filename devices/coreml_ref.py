@@ -66,7 +66,7 @@ from .base import RunOptions, Runtime, Session
 
 __all__ = [
     "UnsupportedMilOp", "MilFormatError", "MilExecutionError", "MilModel", "IOSpec",
-    "load_program", "run_mlpackage", "supported_ops",
+    "load_program", "describe", "run_mlpackage", "supported_ops",
     "CoreMLReference", "CoreMLNative", "CoreMLNativeGPU",
 ]
 
@@ -387,12 +387,21 @@ def _tensor_value(buf, t: MilType):
     return arr
 
 
+@dataclass
+class _BlobRef:
+    """A weight in the blob file, read when the program is compiled (not when only described)."""
+
+    file: str
+    offset: int
+    type: MilType
+
+
 def _value(buf, blobs: _Blobs):
     m = _msg(buf)
     t = _parse_type(_one(m, 2, b""))
     if 5 in m:
         bf = _msg(_one(m, 5))
-        return blobs.read(_s(_one(bf, 1, b"")), _one(bf, 2, 0), t)
+        return _BlobRef(_s(_one(bf, 1, b"")), _one(bf, 2, 0), t)
     if 3 in m:
         iv = _msg(_one(m, 3))
         if 1 in iv:
@@ -649,7 +658,6 @@ _UNARY = {
     "floor": np.floor, "sign": np.sign, "sin": np.sin, "sinh": np.sinh, "sqrt": np.sqrt,
     "square": np.square, "tan": np.tan, "tanh": np.tanh, "logical_not": np.logical_not,
     "erf": _erf, "round": np.round, "identity": lambda x: x,
-    "relu": lambda x: np.maximum(x, 0), "relu6": lambda x: np.clip(x, 0, 6),
     "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
     "silu": lambda x: x / (1 + np.exp(-x)),
     "softsign": lambda x: x / (1 + np.abs(x)),
@@ -667,6 +675,19 @@ def _make_unary(fn):
 
 for _n, _fn in _UNARY.items():
     _OPS[_n] = _make_unary(_fn)
+
+
+# exact in any precision (no rounding): run on the stored dtype, skipping the fp32 round trip
+@_op("relu")
+def _relu(a):
+    x = np.asarray(a["x"])
+    return np.maximum(x, x.dtype.type(0))
+
+
+@_op("relu6")
+def _relu6(a):
+    x = np.asarray(a["x"])
+    return np.clip(x, x.dtype.type(0), x.dtype.type(6))
 
 
 @_op("inverse")
@@ -1038,7 +1059,7 @@ def _slice_by_size(a):
 
 @_op("pad")
 def _pad(a):
-    x = a.f("x")
+    x = np.asarray(a["x"])  # padding copies values: no rounding, keep the stored dtype
     p = a.ints("pad")
     n = len(p) // 2
     widths = [(0, 0)] * (x.ndim - n) + [(p[2 * i], p[2 * i + 1]) for i in range(n)]
@@ -1196,8 +1217,10 @@ def _conv_nd(x, w, b, strides, pads, dil, groups):
     cg, og = c // groups, o // groups
     if groups == c and w.shape[1] == 1 and o == c:  # depthwise
         y = np.zeros((n, c, *out_sp), np.float32)
+        tmp = np.empty_like(y)
         for off, view in _windows(x, k, strides, dil, out_sp):
-            y += view * w[(slice(None), 0) + off].reshape((1, c) + (1,) * nd)
+            np.multiply(view, w[(slice(None), 0) + off].reshape((1, c) + (1,) * nd), out=tmp)
+            y += tmp
     elif all(v == 1 for v in k) and groups == 1:  # pointwise
         xs = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
         xs = xs[(slice(None), slice(None)) + tuple(slice(0, v) for v in out_sp)]
@@ -1299,7 +1322,8 @@ def _pool_geometry(a, x):
 
 
 def _pool(a, kind):
-    x = a.f("x").astype(np.float32, copy=False)
+    # max is exact in fp16; sums (avg, l2) accumulate in float32
+    x = np.asarray(a["x"]) if kind == "max" else a.f("x").astype(np.float32, copy=False)
     nd = x.ndim - 2
     k, s, pads, extra = _pool_geometry(a, x)
     widths = [(0, 0), (0, 0)] + [(p[0], p[1] + e) for p, e in zip(pads, extra)]
@@ -1531,7 +1555,7 @@ def _package_paths(path: Path) -> tuple[Path, Optional[Path]]:
 class MilModel:
     """A loaded ML program, ready to ``predict``. Build it with :func:`load_program`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, compile: bool = True):
         self.path = path
         spec_path, model_dir = _package_paths(path)
         top = _msg(memoryview(spec_path.read_bytes()))
@@ -1568,21 +1592,50 @@ class MilModel:
             block = _msg(block_buf)
             self.block_outputs = [_s(v) for v in block.get(2, [])]
             self.ops = [_parse_op(b, blobs) for b in block.get(3, [])]
+            self._scan_classify()
+            self.unsupported = sorted({op.type for op in self.ops if op.type != "const" and op.type not in _OPS
+                                       and op.type not in _CONSTEXPR})
+            self.consts: dict[str, Any] = {}
+            self.steps: list[tuple[MilOp, Callable, list]] = []
+            self.compiled = compile
+            if compile:
+                self._read_weights(blobs)
+                self._compile()
         finally:
             blobs.close()
-        self._compile()
         self._io()
 
     # -- load-time work ------------------------------------------------------------------
-    def _compile(self):
-        self.consts: dict[str, Any] = {}
-        self.steps: list[tuple[MilOp, Callable, list]] = []
+    def _scan_classify(self):
         self.classes: Optional[list] = None
         self._classify_vars: dict[str, str] = {}
-        unsupported = sorted({op.type for op in self.ops
-                              if op.type != "const" and op.type not in _OPS and op.type not in _CONSTEXPR})
-        if unsupported:
-            raise UnsupportedMilOp(unsupported[0], f"also: {', '.join(unsupported[1:])}" if len(unsupported) > 1 else None)
+        for op in self.ops:
+            if op.type == "classify" and len(op.outputs) == 2:
+                cl = op.inputs.get("classes", [])
+                if cl and cl[0][0] == "value" and isinstance(cl[0][1], list):
+                    self.classes = [c.item() if isinstance(c, np.ndarray) else c for c in cl[0][1]]
+                self._classify_vars = {op.outputs[0][0]: "label", op.outputs[1][0]: "probabilities"}
+
+    def _read_weights(self, blobs: _Blobs):
+        def res(v):
+            return blobs.read(v.file, v.offset, v.type) if isinstance(v, _BlobRef) else v
+
+        for op in self.ops:
+            for binds in op.inputs.values():
+                binds[:] = [(k, res(v)) for k, v in binds]
+            for k, v in op.attrs.items():
+                op.attrs[k] = res(v)
+
+    def unsupported_error(self) -> Optional[UnsupportedMilOp]:
+        if not self.unsupported:
+            return None
+        first, rest = self.unsupported[0], self.unsupported[1:]
+        return UnsupportedMilOp(first, f"also: {', '.join(rest)}" if rest else None)
+
+    def _compile(self):
+        err = self.unsupported_error()
+        if err:
+            raise err
         for op in self.ops:
             if op.has_blocks:
                 raise UnsupportedMilOp(op.type, "ops with nested blocks (control flow)")
@@ -1596,12 +1649,11 @@ class MilModel:
                 for (name, t), v in zip(op.outputs, res):
                     self.consts[name] = self._cast_to(v, t)
                 continue
-            if op.type == "classify":
+            if op.type == "classify" and self.classes is None:
                 cl = op.inputs.get("classes", [])
-                if cl:
-                    v = cl[0][1] if cl[0][0] == "value" else self.consts.get(cl[0][1])
-                    self.classes = [c.item() if isinstance(c, np.ndarray) else c for c in (v or [])]
-                self._classify_vars = {op.outputs[0][0]: "label", op.outputs[1][0]: "probabilities"}
+                v = self.consts.get(cl[0][1]) if cl and cl[0][0] == "name" else None
+                if isinstance(v, (list, np.ndarray)):
+                    self.classes = [c.item() if isinstance(c, np.ndarray) else c for c in v]
             casts = [(t.np_dtype, t.known_shape) for _, t in op.outputs]
             self.steps.append((op, _OPS[op.type], casts))
 
@@ -1698,6 +1750,8 @@ class MilModel:
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the program. ``inputs`` maps input names to arrays (see the module docstring)."""
+        if not self.compiled:
+            raise EdgepipeError("this model was only described, not loaded", "Use load_program() to run it")
         missing = [s.name for s in self.inputs if s.name not in inputs]
         if missing:
             raise UserError(f"missing input(s) {', '.join(missing)}",
@@ -1766,6 +1820,14 @@ def load_program(path) -> MilModel:
     return MilModel(Path(path))
 
 
+def describe(path) -> MilModel:
+    """Parse the spec only (inputs, outputs, ops, classes) without reading weights; cannot predict.
+
+    ``.unsupported`` lists the op types the interpreter lacks (empty when it can run the model).
+    """
+    return MilModel(Path(path), compile=False)
+
+
 def run_mlpackage(path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Load and run once: ``{input name: array}`` -> ``{output name: array}``."""
     return load_program(path).predict(inputs)
@@ -1814,6 +1876,16 @@ class CoreMLReference(Runtime):
     def available(self) -> Optional[str]:
         return None  # numpy only
 
+    def check(self, path, fmt) -> Optional[str]:
+        why = super().check(path, fmt)
+        if why:
+            return why
+        try:
+            err = describe(path).unsupported_error()
+        except EdgepipeError as e:
+            return e.message
+        return err.message if err else None
+
     def load(self, path, options=None):
         return CoreMLReferenceSession(Path(path), options or RunOptions())
 
@@ -1829,7 +1901,7 @@ class CoreMLNativeSession(Session):
     def __init__(self, path: Path, options: RunOptions, compute_units: str):
         import coremltools as ct  # imports TensorFlow when installed (~6 s); macOS only path
 
-        self.desc = load_program(path) if options.extra.get("parse_with_reference", True) else None
+        self.desc = describe(path)  # I/O, image color spaces and class order, without weights
         self.ml = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
         self.inputs, self.outputs, self.input_kind = _session_io(self.desc)
         self._specs = {s.name: s for s in self.desc.inputs}
