@@ -55,6 +55,8 @@ def register(app: typer.Typer) -> None:
         require_full_edgetpu: bool = typer.Option(False, "--require-full-edgetpu", help="Exit 1 when any op of an Edge TPU artifact would run on the CPU."),
         cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --int8: top-1 points an int8 artifact may lose on --eval-data; over it, recoveries are tried (see docs/ci.md)."),
+        eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled set for --max-drop: a folder with one subfolder per class, or 'digits' (default with --calib digits)."),
     ):
         """Convert a model to verified TFLite, ONNX and Core ML artifacts."""
         from . import export_stage, models
@@ -90,6 +92,8 @@ def register(app: typer.Typer) -> None:
             verify_samples=verify_samples, use_cache=cache, skipped=skipped,
             options=ExportOptions(seed=seed, onnx_int8=onnx_int8, int8_io=int8_io, calib_method=calib_method))
         export_stage.validate(req)
+        from .recover import after_export, summarize as recovery_summary, validate_options  # --max-drop hook
+        eval_spec = validate_options(max_drop, eval_data, data, calib, plan)
         # SIGTERM unwinds like Ctrl-C, so temp files are removed and nothing half-written stays.
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         from .cli import debug_enabled
@@ -101,6 +105,7 @@ def register(app: typer.Typer) -> None:
             for s in skipped:
                 prog.note(f"skipped {s['format']} {s['precision']}: {s['reason']}")
             manifest = export_stage.run_export(req, prog)
+            recovery = after_export(req, manifest, max_drop=max_drop, eval_data=eval_spec, progress=prog)
         if json_out:
             from .cli import emit_json
 
@@ -114,6 +119,7 @@ def register(app: typer.Typer) -> None:
             for a in manifest.artifacts:
                 if a.format == "edgetpu" and a.ok:
                     gate(a.extra.get("edgetpu"))
+        recovery_summary(recovery)
 
 
 class _Progress:
