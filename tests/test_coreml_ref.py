@@ -550,6 +550,28 @@ def test_compressed_weights_decode_like_coremltools(ct, mb, tmp_path, name):
     assert not np.array_equal(y_c[k], y_base[k])
 
 
+def test_activation_quantize_dequantize(ct, mb, tmp_path):
+    """iOS17 quantize/dequantize (activation quantization): per-tensor and per-channel."""
+    scale_c = np.array([0.02, 0.05, 0.1, 0.2], np.float32)
+    zp_c = np.array([-3, 0, 5, 10], np.int8)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=XE.shape)], opset_version=ct.target.iOS17)
+    def prog(x):
+        q1 = mb.quantize(input=x, scale=np.float32(0.03), zero_point=np.uint8(128), output_dtype="uint8")
+        q2 = mb.quantize(input=mb.relu(x=x), scale=scale_c, zero_point=zp_c, axis=1, output_dtype="int8")
+        return (mb.dequantize(input=q1, scale=np.float32(0.03), zero_point=np.uint8(128), name="per_tensor"),
+                mb.dequantize(input=q2, scale=scale_c, zero_point=zp_c, axis=1, name="per_channel"))
+
+    model = _save(ct, prog, tmp_path / "q.mlpackage", minimum_deployment_target=ct.target.iOS17)
+    assert {"quantize", "dequantize"} <= set(model.op_counts())
+    out = model.predict({"x": XE})
+    q1 = np.clip(np.round(XE / np.float32(0.03)) + 128, 0, 255)
+    np.testing.assert_allclose(out["per_tensor"], (q1 - 128) * np.float32(0.03), rtol=1e-6, atol=1e-6)
+    s, z = scale_c.reshape(1, 4, 1, 1), zp_c.astype(np.float32).reshape(1, 4, 1, 1)
+    q2 = np.clip(np.round(np.maximum(XE, 0) / s) + z, -128, 127)
+    np.testing.assert_allclose(out["per_channel"], (q2 - z) * s, rtol=1e-6, atol=1e-6)
+
+
 def test_subbyte_unpacking_is_lsb_first():
     # values 1, 2, 3 as uint2 -> bits (LSB first) 10 01 11 -> byte 0b00111001
     assert cr._unpack_bits(bytes([0b00111001]), 2, 3, False).tolist() == [1, 2, 3]
