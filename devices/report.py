@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -190,13 +191,43 @@ def _versions_line(rep: "BenchReport") -> str:
     return ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "numpy")
 
 
+def _multi_device(rep: "BenchReport") -> bool:
+    """Rows from a registered device (ssh/adb, devices/remote.py): show a Device column."""
+    return any(getattr(r, "device", "local") != "local" for r in rep.rows)
+
+
+def _where(r: "BenchRow") -> str:
+    """'cpu', or 'cpu @ pi4' for a row measured on a registered device."""
+    d = getattr(r, "device", "local")
+    return r.target if d == "local" else f"{r.target} @ {d}"
+
+
+def _device_lines(rep: "BenchReport") -> list[str]:
+    """'name (url): host line' for every device of a report with remote rows."""
+    if not _multi_device(rep):
+        return []
+    out = []
+    for name, ident in (rep.devices or {}).items():
+        h = ident.get("host") if isinstance(ident.get("host"), dict) else (rep.host if len(rep.devices) == 1 else {})
+        where = ident.get("url") or ("this host" if ident.get("kind") == "local" else "?")
+        line = _host_line(SimpleNamespace(host=h)) if h and h.get("cpu") else (ident.get("error") or "no facts")
+        vers = _versions_line(SimpleNamespace(host=h)) if h else ""
+        out.append(f"{name} ({where}): {line}" + (f"; {vers}" if vers else ""))
+    return out
+
+
 def _sorted_rows(rep: "BenchReport") -> list["BenchRow"]:
     order = {"cpu": 0, "gpu": 1, "edgetpu": 2}
     arts = []
     for r in rep.rows:
         if r.artifact not in arts:
             arts.append(r.artifact)
-    return sorted(rep.rows, key=lambda r: (arts.index(r.artifact), order.get(r.target, 9)))
+    devs = []
+    for r in rep.rows:
+        if getattr(r, "device", "local") not in devs:
+            devs.append(getattr(r, "device", "local"))
+    return sorted(rep.rows, key=lambda r: (devs.index(getattr(r, "device", "local")), arts.index(r.artifact),
+                                           order.get(r.target, 9)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +245,7 @@ def render_markdown(rep: "BenchReport", comparison: Optional[Comparison] = None)
                f"{c.get('unavailable', 0)} unavailable · {rep.created or ''}")
     out.append("")
     out.append(f"- **Host:** {_md_escape(_host_line(rep))}")
+    out += [f"- **Device:** {_md_escape(d)}" for d in _device_lines(rep)]
     out.append(f"- **Runtimes:** {_md_escape(_versions_line(rep))}")
     out.append(f"- **Method:** each row in a fresh process; ≥ {s.get('runs')} runs and ≥ {s.get('min_seconds')} s "
                f"after {s.get('warmup')} warm-up runs; {s.get('threads')} threads; timed = write inputs + run + "
@@ -222,36 +254,39 @@ def render_markdown(rep: "BenchReport", comparison: Optional[Comparison] = None)
     if gpu.get("note"):
         out.append(f"- **GPU:** {_md_escape(gpu['note'])}")
     out.append("")
-    out.append("| Artifact | Target | Runtime | Status | p50 ms | 95% CI | p90 ms | p99 ms | Runs | Load ms "
-               "| First ms | Peak RSS MB | Size MB | Placement | vs CPU |")
-    out.append("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    multi = _multi_device(rep)
+    out.append(("| Device " if multi else "") + "| Artifact | Target | Runtime | Status | p50 ms | 95% CI | p90 ms "
+               "| p99 ms | Runs | Load ms | First ms | Peak RSS MB | Size MB | Placement | vs CPU |")
+    out.append(("|---" if multi else "") + "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in _sorted_rows(rep):
         if r.ok:
             lat = r.latency_ms
             out.append(
+                (f"| {_md_escape(r.device)} " if multi else "") +
                 f"| {_md_escape(r.artifact)} | {r.target} | {_md_escape(r.runtime)} | ok | **{_ms(lat.get('p50'))}** "
                 f"| {_ci_text(r)} | {_ms(lat.get('p90'))} | {_ms(lat.get('p99'))} | {lat.get('n', '-')} "
                 f"| {_ms(r.load_ms)} | {_ms(r.first_ms)} | {_kb_to_mb(r.memory.get('peak_rss_kb'))} "
                 f"| {_mb(r.size_bytes)} | {_md_escape(_placement_text(r))} | {_md_escape(_agreement_text(r))} |")
         else:
-            out.append(f"| {_md_escape(r.artifact)} | {r.target} | {_md_escape(r.runtime)} | {STATUS_ICON[r.status]} "
+            out.append((f"| {_md_escape(r.device)} " if multi else "") +
+                       f"| {_md_escape(r.artifact)} | {r.target} | {_md_escape(r.runtime)} | {STATUS_ICON[r.status]} "
                        f"| - | - | - | - | - | - | - | - | {_mb(r.size_bytes)} | - | - |")
     not_run = [r for r in _sorted_rows(rep) if not r.ok]
     if not_run:
         out += ["", "### Rows that did not run", ""]
         for r in not_run:
             sig = f" ({r.signal})" if r.signal else ""
-            out.append(f"- **{_md_escape(r.artifact)} on {r.target}** — {r.status}{sig}: {_md_escape(r.reason or '')}")
+            out.append(f"- **{_md_escape(r.artifact)} on {_where(r)}** — {r.status}{sig}: {_md_escape(r.reason or '')}")
     notes = [(r, n) for r in rep.rows for n in r.notes]
     if notes:
         out += ["", "### Notes", ""]
-        out += [f"- {_md_escape(r.artifact)} on {r.target}: {_md_escape(n)}" for r, n in notes]
+        out += [f"- {_md_escape(r.artifact)} on {_where(r)}: {_md_escape(n)}" for r, n in notes]
     prof = [r for r in _sorted_rows(rep) if r.ok and r.profile and r.profile.get("top_ops")]
     if prof:
         out += ["", "### Top ops by time", ""]
         for r in prof:
             ops = ", ".join(f"{o['op']} {o['pct']:.0f}%" for o in r.profile["top_ops"][:5])
-            out.append(f"- {_md_escape(r.artifact)} on {r.target} ({r.profile.get('source')}): {_md_escape(ops)}")
+            out.append(f"- {_md_escape(r.artifact)} on {_where(r)} ({r.profile.get('source')}): {_md_escape(ops)}")
     if comparison is not None:
         out += ["", render_comparison_markdown(comparison)]
     out.append("")
@@ -354,9 +389,9 @@ def svg_latency(rep: "BenchReport") -> str:
         col = TARGET_COLORS.get(r.target, "#7f7f7f")
         x0 = sx(sx.lo)
         parts.append(f'<text x="{left - 6}" y="{y + bar_h - 4}" class="label" text-anchor="end">'
-                     f'{_esc(r.artifact)} · {_esc(r.target)}</text>')
+                     f'{_esc(r.artifact)} · {_esc(_where(r))}</text>')
         parts.append(f'<rect class="bar" x="{x0:.1f}" y="{y}" width="{max(1.0, sx(p50) - x0):.1f}" height="{bar_h}" '
-                     f'fill="{col}"><title>{_esc(r.artifact)} on {_esc(r.target)}: p50 {_ms(p50)} ms, '
+                     f'fill="{col}"><title>{_esc(r.artifact)} on {_esc(_where(r))}: p50 {_ms(p50)} ms, '
                      f'p90 {_ms(p90)} ms, p99 {_ms(r.stat("p99"))} ms, n={r.latency_ms.get("n")}</title></rect>')
         yc = y + bar_h / 2
         parts.append(f'<line class="range" x1="{sx(p50):.1f}" y1="{yc}" x2="{sx(p90):.1f}" y2="{yc}" '
@@ -434,7 +469,7 @@ def svg_scatter(rep: "BenchReport") -> str:
     for r, x, y in zip(pts, xs, ys):
         col = TARGET_COLORS.get(r.target, "#7f7f7f")
         parts.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="{col}">'
-                     f'<title>{_esc(r.artifact)} on {_esc(r.target)}: {x:.2f} MB, p50 {_ms(y)} ms</title></circle>')
+                     f'<title>{_esc(r.artifact)} on {_esc(_where(r))}: {x:.2f} MB, p50 {_ms(y)} ms</title></circle>')
         parts.append(f'<text x="{sx(x) + 7:.1f}" y="{sy(y) - 6:.1f}" class="value">{_esc(r.artifact)}</text>')
     targets = sorted({r.target for r in pts}, key=lambda t: list(TARGET_COLORS).index(t) if t in TARGET_COLORS else 9)
     for i, t in enumerate(targets):
@@ -474,6 +509,7 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
          f'<p class="meta">{c.get("ok", 0)} measured, {c.get("failed", 0)} failed, {c.get("skipped", 0)} skipped, '
          f'{c.get("unavailable", 0)} unavailable · {e(rep.created or "")} · edgepipe {e(rep.edgepipe_version or "?")}</p>',
          f'<p class="meta"><b>Host:</b> {e(_host_line(rep))}</p>',
+         *(f'<p class="meta"><b>Device:</b> {e(d)}</p>' for d in _device_lines(rep)),
          f'<p class="meta"><b>Runtimes:</b> {e(_versions_line(rep))}</p>',
          f'<p class="meta"><b>Method:</b> one fresh process per row; at least {e(s.get("runs"))} runs and '
          f'{e(s.get("min_seconds"))} s after {e(s.get("warmup"))} warm-up runs; {e(s.get("threads"))} threads; '
@@ -489,7 +525,9 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
     h.append("<h2>Latency against size</h2>")
     h.append(svg_scatter(rep))
     h.append("<h2>All rows</h2><table><thead><tr>")
-    cols = ["Artifact", "Format", "Precision", "Target", "Runtime", "Status", "p50 ms", "95% CI", "p90 ms", "p99 ms",
+    multi = _multi_device(rep)
+    cols = (["Device"] if multi else []) + [
+        "Artifact", "Format", "Precision", "Target", "Runtime", "Status", "p50 ms", "95% CI", "p90 ms", "p99 ms",
             "mean ± std", "Runs", "Load ms", "First ms", "Peak RSS MB", "Size MB", "Placement", "vs CPU", "Reason"]
     h.append("".join(f"<th>{e(x)}</th>" for x in cols) + "</tr></thead><tbody>")
     for r in _sorted_rows(rep):
@@ -500,7 +538,8 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
             reason = "; ".join([reason] + list(r.notes)) if reason else "; ".join(r.notes)
         mean = f"{_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}" if r.ok else "-"
         h.append(
-            f'<tr class="{e(r.status)}"><td>{e(r.artifact)}</td><td>{e(r.format)}</td><td>{e(r.precision)}</td>'
+            f'<tr class="{e(r.status)}">{"<td>" + e(r.device) + "</td>" if multi else ""}'
+            f'<td>{e(r.artifact)}</td><td>{e(r.format)}</td><td>{e(r.precision)}</td>'
             f'<td>{e(r.target)}</td><td>{e(r.runtime)}{" " + e(r.runtime_version) if r.runtime_version else ""}</td>'
             f'<td><span class="badge b-{e(r.status)}">{e(r.status)}</span></td>'
             + num(_ms(lat.get("p50")) if r.ok else "-") + f"<td>{e(_ci_text(r) if r.ok else '-')}</td>"
@@ -514,7 +553,7 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
     if prof:
         h.append("<h2>Top ops by time</h2>")
         for r in prof:
-            h.append(f"<p><b>{e(r.artifact)} on {e(r.target)}</b> ({e(r.profile.get('source'))}, "
+            h.append(f"<p><b>{e(r.artifact)} on {e(_where(r))}</b> ({e(r.profile.get('source'))}, "
                      f"{_ms(r.profile.get('total_ms_per_run'))} ms of kernels per run)</p><table><tr><th>Op</th>"
                      "<th>ms/run</th><th>%</th><th>Nodes</th></tr>")
             for o in r.profile["top_ops"]:

@@ -17,7 +17,8 @@ import typer
 
 from .errors import EdgepipeError
 
-CLI_MODULES = ["edgepipe.pipeline.cli_export", "edgepipe.pipeline.cli_inspect", "edgepipe.pipeline.cli_bench", "edgepipe.pipeline.cli_eval"]
+CLI_MODULES = ["edgepipe.pipeline.cli_export", "edgepipe.pipeline.cli_inspect", "edgepipe.pipeline.cli_bench", "edgepipe.pipeline.cli_eval",
+               "edgepipe.pipeline.cli_remote"]
 
 app = typer.Typer(
     name="edgepipe",

@@ -11,7 +11,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    app.command("devices", help="List every target on this host: available, or the reason it is not.")(devices)
+    # `devices` is a sub-app in cli_remote.py (list, add, remove); its listing calls devices() below
     app.command("bench", help="Measure every artifact of an export on each target; write bench.json/.md/.html.")(bench)
     app.command("report", help="Re-render a bench.json as Markdown or HTML.")(report)
 
@@ -71,6 +71,13 @@ def bench(
                                                                   "manifest's reference samples, else random)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds before one row is killed and failed."),
     json_: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    device: Optional[str] = typer.Option(None, "--device", "-d",
+                                         help="Measure on registered devices: NAME, a comma-separated list, 'all' "
+                                              "(every registered device) and/or 'local' (default: this host only)."),
+    benchmark_binary: Optional[Path] = typer.Option(None, "--benchmark-binary",
+                                                    help="adb devices: TFLite's benchmark_model built for the phone."),
+    config: Optional[str] = typer.Option(None, "--config", help="Device registry (default: $EDGEPIPE_CONFIG, "
+                                                                "else $XDG_CONFIG_HOME/edgepipe/devices.json)."),
 ) -> None:
     from edgepipe.devices.bench import BenchReport, BenchSettings, resolve_targets, run_bench
     from edgepipe.devices.report import compare, write_reports
@@ -88,6 +95,12 @@ def bench(
     if old is not None and not (0 < threshold < 10):
         compare(old, old, threshold)  # raises the UserError for a bad threshold
     out_dir = out or find_manifest(out_or_manifest).parent
+    if device:  # unknown device names and a missing binary fail here, before any measurement
+        from edgepipe.devices.remote import Registry, check_benchmark_binary, resolve_devices
+
+        resolve_devices(device, Registry(config))
+        if benchmark_binary:
+            check_benchmark_binary(benchmark_binary)
 
     con = console(stderr=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -101,9 +114,17 @@ def bench(
                         description=f"{row.artifact} on {row.target}" if event == "start" else "measuring")
             if event == "done" and not con.is_terminal:
                 fig = f"p50 {row.stat('p50'):.3f} ms" if row.ok and row.stat("p50") else (row.reason or "")
-                con.print(f"[{i}/{n}] {row.artifact} on {row.target}: {row.status} {fig}")
+                at = f" @ {row.device}" if row.device != "local" else ""
+                con.print(f"[{i}/{n}] {row.artifact} on {row.target}{at}: {row.status} {fig}")
 
-        report = run_bench(out_or_manifest, settings=settings, progress=on_progress)
+        if device:
+            from edgepipe.devices.remote import bench_devices
+
+            report = bench_devices(out_or_manifest, settings, device, config=config,
+                                   benchmark_binary=str(benchmark_binary) if benchmark_binary else None,
+                                   progress=on_progress)
+        else:
+            report = run_bench(out_or_manifest, settings=settings, progress=on_progress)
     cmp = compare(old, report, threshold) if old is not None else None
     paths = write_reports(report, out_dir, cmp)
     failed = [r for r in report.rows if r.status == "failed"]
@@ -121,6 +142,11 @@ def bench(
                            f"to {paths['json'].parent}", "See the reasons in bench.md")
 
 
+def _where(r) -> str:
+    """'cpu', or 'cpu @ pi4' for a row measured on a registered device."""
+    return r.target if getattr(r, "device", "local") == "local" else f"{r.target} @ {r.device}"
+
+
 def _print_summary(report, cmp, paths) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -135,17 +161,17 @@ def _print_summary(report, cmp, paths) -> None:
         t.add_column(c, overflow="fold")
     for r in report.rows:
         if r.ok:
-            t.add_row(r.artifact, r.target, r.runtime, "[green]ok[/]", _ms(r.stat("p50")), _ms(r.stat("p90")),
+            t.add_row(r.artifact, _where(r), r.runtime, "[green]ok[/]", _ms(r.stat("p50")), _ms(r.stat("p90")),
                       str(r.latency_ms.get("n")), f"{(r.memory.get('peak_rss_kb') or 0) / 1024:.0f}",
                       _placement_text(r) + (f"; {_agreement_text(r)}" if r.agreement else ""))
         else:
             color = "red" if r.status == "failed" else "yellow"
-            t.add_row(r.artifact, r.target, r.runtime, f"[{color}]{r.status}[/]", "-", "-", "-", "-", "-")
+            t.add_row(r.artifact, _where(r), r.runtime, f"[{color}]{r.status}[/]", "-", "-", "-", "-", "-")
     con.print(t)
     for r in report.rows:
         if not r.ok:
             sig = f" [{r.signal}]" if r.signal and r.signal not in (r.reason or "") else ""
-            con.print(f"  {r.artifact} on {r.target}: {r.status}{sig}: {r.reason or ''}", soft_wrap=True)
+            con.print(f"  {r.artifact} on {_where(r)}: {r.status}{sig}: {r.reason or ''}", soft_wrap=True)
     if cmp is not None:
         con.print(f"Compared with the previous run: {len(cmp.regressions)} regression(s), "
                   f"{len(cmp.improvements)} improvement(s) (threshold ±{cmp.threshold:.0%})")
