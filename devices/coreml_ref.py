@@ -1862,7 +1862,18 @@ class CoreMLReferenceSession(Session):
                       "input_kind": self.input_kind, "threads": options.threads}
 
     def run_native(self, inputs):
-        res = self.model.predict({t.name: x for t, x in zip(self.inputs, inputs)})
+        feed = {t.name: x for t, x in zip(self.inputs, inputs)}
+        threads = self.facts.get("threads")
+        if threads:
+            try:  # BLAS threads (matmul/conv); threadpoolctl ships with scikit-learn
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover
+                threadpool_limits = None
+            if threadpool_limits is not None:
+                with threadpool_limits(limits=int(threads)):
+                    res = self.model.predict(feed)
+                return [res[t.name] for t in self.outputs]
+        res = self.model.predict(feed)
         return [res[t.name] for t in self.outputs]
 
 

@@ -740,6 +740,11 @@ def test_runtime_registration_and_session(conv_model):
     assert len(res) == len(sess.outputs) == len(CONV_CASES)
     for t, y in zip(sess.outputs, res):
         np.testing.assert_array_equal(y, out[t.name])
+    from edgepipe.devices.base import RunOptions
+
+    one = rt.load(model.path, RunOptions(threads=1))  # BLAS limited to one thread: same numbers
+    for a, b in zip(one.run([X_CONV]), res):
+        np.testing.assert_array_equal(a, b)
     native = {r.target: r for r in runtimes_for("coreml") if r.name == "coreml"}
     assert set(native) == {"cpu", "gpu"}
     if sys.platform != "darwin":
