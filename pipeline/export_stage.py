@@ -200,7 +200,8 @@ def _export_all(req, traced, calibration, folder, manifest, vraw, vdata, referen
             progress("verify", {"id": art.id})
             from .verify import verify_artifact
 
-            art.verification = verify_artifact(folder / art.path, fmt, precision, vraw, vdata, reference, vsource)
+            art.verification = verify_artifact(folder / art.path, fmt, precision, vraw, vdata, reference, vsource,
+                                             trained=traced.source.trained)
             art.timings["verify_s"] = art.verification.seconds
             if art.verification.status == "failed":
                 art.status = "verify_failed"

@@ -39,6 +39,7 @@ class Verification:
     mean_abs: Optional[float] = None
     cosine: Optional[float] = None
     centered_cosine: Optional[float] = None
+    input_correlation: Optional[float] = None
     top1_agreement: Optional[float] = None
     thresholds: dict = field(default_factory=dict)
     seconds: Optional[float] = None
@@ -86,6 +87,7 @@ class SourceModel:
     preprocessing: dict = field(default_factory=dict)
     labels: Optional[list[str]] = None
     parameters: Optional[int] = None
+    trained: bool = True  # False for built-ins with --weights none
 
 
 @dataclass

@@ -201,6 +201,7 @@ def load(req: ModelRequest) -> LoadedModel:
     if req.kind == "builtin":
         model = _build_builtin(keras, req)
         src = SourceModel(name=req.name, kind="builtin", weights=req.weights, seed=req.seed,
+                          trained=req.weights != "none",
                           options={"alpha": req.alpha, "classes": req.classes,
                                    "input_size": list(req.input_size) if req.input_size else None})
         if req.weights not in ("imagenet", "none"):
@@ -238,6 +239,7 @@ def _build_builtin(keras, req: ModelRequest):
         model = ctor(**kw)
         if req.weights == "none":
             settle_batchnorm(model, req.preprocessing, req.seed)
+            temper_logits(model, req.preprocessing, req.seed)
         return model
     except ValueError as e:
         raise UserError(f"{b.name}: {str(e).splitlines()[0]}",
@@ -329,8 +331,8 @@ def settle_batchnorm(model, pp: Preprocessing, seed: int, n: int = 8, residual_g
     # recipes): a random deep residual net at unit-variance branches is chaotic, i.e.
     # a 0.1% weight change flips its top-1, which no real trained model does.
     for bn in _residual_branch_ends(model, keras):
-        g = bn.gamma
-        g.assign(g * residual_gain)
+        if bn.gamma is not None:
+            bn.gamma.assign(bn.gamma * residual_gain)
     _, h, w, c = [d if d is not None else 1 for d in model.inputs[0].shape]
     rng = np.random.default_rng(seed)
     x = pp.apply(rng.uniform(0, 255, size=(n, h, w, c)).astype(np.float32))
@@ -342,6 +344,12 @@ def settle_batchnorm(model, pp: Preprocessing, seed: int, n: int = 8, residual_g
     finally:
         for l, m in saved:
             l.momentum = m
+    # A channel that barely varies over the settling batch would get a huge gain
+    # (1/sigma) and amplify any rounding downstream; floor each variance at the
+    # layer's median so no channel is amplified more than a typical one.
+    for l in bns:
+        v = np.asarray(l.moving_variance)
+        l.moving_variance.assign(np.maximum(v, np.median(v)).astype(v.dtype))
     return len(bns)
 
 
@@ -365,3 +373,39 @@ def _residual_branch_ends(model, keras):
                         and not prod.name.endswith("_0_bn"):
                     out.append(prod)
     return list(dict.fromkeys(out))
+
+
+def temper_logits(model, pp: Preprocessing, seed: int, n: int = 8, target_std: float = 2.0) -> float:
+    """Scale a random model's last weighted layer so its logits have a standard deviation
+    of ``target_std`` across classes.
+
+    A randomly initialised deep classifier often emits logits hundreds of units apart:
+    its softmax is one-hot and any rounding flips it, which says nothing about the
+    converter. Real trained models sit at a few units. Returns the factor applied.
+    """
+    import keras
+    import numpy as np
+
+    last = None
+    for l in reversed(list(_all_layers(model))):
+        if getattr(l, "kernel", None) is not None and hasattr(l, "bias"):
+            last = l
+            break
+    if last is None:
+        return 1.0
+    _, h, w, c = [d if d is not None else 1 for d in model.inputs[0].shape]
+    rng = np.random.default_rng(seed + 7)
+    x = pp.apply(rng.uniform(0, 255, size=(n, h, w, c)).astype(np.float32))
+    y = np.asarray(model(x, training=False), np.float64).reshape(n, -1)
+    if y.shape[1] < 2:
+        return 1.0
+    probs = bool((y >= 0).all()) and np.allclose(y.sum(1), 1.0, atol=1e-3)
+    z = np.log(np.maximum(y, 1e-30)) if probs else y
+    std = float(np.mean(np.std(z - z.mean(1, keepdims=True), axis=1)))
+    if not np.isfinite(std) or std <= 0:
+        return 1.0
+    factor = target_std / std
+    last.kernel.assign(last.kernel * factor)
+    if last.bias is not None:
+        last.bias.assign(last.bias * factor)
+    return factor

@@ -27,14 +27,34 @@ from .manifest import Verification
 # saturated class dominate. The max-error bound applies to fp32/fp16 only: a
 # quantized model legitimately moves single probabilities by more.
 PROB_FLOOR = 1.0 / 256
+#
+# "input_correlation" compares only what depends on the input: each output minus its
+# mean over the verification samples. A model whose outputs are dominated by biases
+# matches a constant (input-independent, i.e. broken) artifact on the per-sample
+# measure; it cannot on this one.
 THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"centered_cosine": 0.9999, "rel_max_abs": 0.01, "top1": 0.99},
-    "fp16": {"centered_cosine": 0.995, "rel_max_abs": 0.05, "top1": 0.9},
-    "dynamic": {"centered_cosine": 0.97, "top1": 0.8},
-    "int16x8": {"centered_cosine": 0.97, "top1": 0.8},
-    "palettized": {"centered_cosine": 0.93, "top1": 0.7},
-    "int8": {"centered_cosine": 0.80, "top1": 0.5},
+    "fp32": {"centered_cosine": 0.9999, "input_correlation": 0.999, "rel_max_abs": 0.01, "top1": 0.99},
+    "fp16": {"centered_cosine": 0.995, "input_correlation": 0.99, "rel_max_abs": 0.05, "top1": 0.9},
+    "dynamic": {"centered_cosine": 0.97, "input_correlation": 0.8, "top1": 0.8},
+    "int16x8": {"centered_cosine": 0.97, "input_correlation": 0.8, "top1": 0.8},
+    "palettized": {"centered_cosine": 0.93, "input_correlation": 0.7, "top1": 0.7},
+    "int8": {"centered_cosine": 0.80, "input_correlation": 0.5, "top1": 0.5},
 }
+# An untrained model (a built-in with --weights none) is chaotic: rounding its weights
+# to 8 bits alone can move its output correlation to ~0.7 (InceptionV3 at 75 px), so
+# its quantized artifacts are held to a structural bound only: they must still track
+# the source model (a dropped weight, wrong scale or dead layer falls to ~0). fp32
+# and fp16 stay strict for every model.
+UNTRAINED_QUANTIZED = {"centered_cosine": 0.5}
+QUANTIZED = ("dynamic", "int8", "int16x8", "palettized")
+
+
+def thresholds_for(precision: str, trained: bool = True) -> dict:
+    if not trained and precision in QUANTIZED:
+        return dict(UNTRAINED_QUANTIZED, untrained=1.0)
+    return dict(THRESHOLDS.get(precision, THRESHOLDS["int8"]))
+
+
 # Full int8 is where verification and accuracy part ways: a broken int8 conversion (a
 # wrong input scale, dropped weights, a mis-quantized layer) lands far below 0.8
 # (tests/test_verify.py shows ~0.5 and lower), while a correct one of a trained model is
@@ -53,6 +73,7 @@ class Comparison:
     passed: bool
     failures: list[str]
     thresholds: dict
+    input_correlation: Optional[float] = None
 
 
 def _flat(xs) -> np.ndarray:
@@ -68,7 +89,7 @@ def compare(outputs, reference, precision: str = "fp32", thresholds: Optional[di
     a, r = _flat(outputs), _flat(reference)
     if a.shape != r.shape:
         return Comparison(float("inf"), float("inf"), 0.0, 0.0, 0.0, float("inf"), 0, False,
-                          [f"output shape {a.shape} != reference {r.shape}"], {})
+                          [f"output shape {a.shape} != reference {r.shape}"], {}, 0.0)
     th = dict(thresholds or THRESHOLDS.get(precision, THRESHOLDS["int8"]))
     finite = bool(np.isfinite(a).all())
     diff = np.abs(a - r)
@@ -86,6 +107,7 @@ def compare(outputs, reference, precision: str = "fp32", thresholds: Optional[di
     ac = a_ - a_.mean(axis=1, keepdims=True)
     rc = r_ - r_.mean(axis=1, keepdims=True)
     cc = float(np.mean([_cos(x, y) for x, y in zip(ac, rc)])) if finite else 0.0
+    ic = _cos((a_ - a_.mean(0)).ravel(), (r_ - r_.mean(0)).ravel()) if finite and len(r_) > 1 else None
     top1, confident = None, 0
     if r.shape[1] > 1:
         # Agreement counted where the reference's top-1 margin exceeds the observed
@@ -103,12 +125,14 @@ def compare(outputs, reference, precision: str = "fp32", thresholds: Optional[di
         failures.append("non-finite outputs")
     if cc < th["centered_cosine"]:
         failures.append(f"centered cosine {cc:.4f} < {th['centered_cosine']}")
+    if ic is not None and "input_correlation" in th and ic < th["input_correlation"]:
+        failures.append(f"input-dependent correlation {ic:.4f} < {th['input_correlation']}")
     if "rel_max_abs" in th and rel > th["rel_max_abs"]:
         failures.append(f"max abs error {max_abs:.4g} is {rel:.3f} of the output range > {th['rel_max_abs']}")
-    if top1 is not None and confident and top1 < th["top1"]:
+    if top1 is not None and confident and "top1" in th and top1 < th["top1"]:
         failures.append(f"top-1 agreement {top1:.3f} < {th['top1']}")
     th["space"] = space
-    return Comparison(max_abs, mean_abs, cos, cc, top1, rel, confident, not failures, failures, th)
+    return Comparison(max_abs, mean_abs, cos, cc, top1, rel, confident, not failures, failures, th, ic)
 
 
 def _is_probability(r: np.ndarray) -> bool:
@@ -168,7 +192,7 @@ def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None
 
 
 def verify_artifact(path, fmt: str, precision: str, raw: np.ndarray, data: np.ndarray,
-                    reference: np.ndarray, data_source: str) -> Verification:
+                    reference: np.ndarray, data_source: str, trained: bool = True) -> Verification:
     t0 = time.perf_counter()
     name, target = checker_for(fmt)
     v = Verification(checker=name, samples=int(data.shape[0]), data=data_source)
@@ -182,9 +206,10 @@ def verify_artifact(path, fmt: str, precision: str, raw: np.ndarray, data: np.nd
         v.status = "not_verified" if "unsupported" in str(e).lower() else "failed"
         v.reason = f"{'not verified' if v.status == 'not_verified' else 'runtime error'}: {str(e).splitlines()[0][:300]}"
         return v
-    c = compare(out, reference, precision)
+    c = compare(out, reference, precision, thresholds_for(precision, trained))
     v.max_abs, v.mean_abs, v.cosine = c.max_abs, c.mean_abs, c.cosine
     v.centered_cosine, v.top1_agreement = c.centered_cosine, c.top1_agreement
+    v.input_correlation = c.input_correlation
     v.thresholds = c.thresholds
     v.status = "passed" if c.passed else "failed"
     v.reason = None if c.passed else "; ".join(c.failures)
