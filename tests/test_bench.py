@@ -103,6 +103,14 @@ def build_tiny_export(folder: Path) -> Path:
     dyn.set_weights(model.get_weights())
     (tmp / "tiny_dynbatch.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(dyn).convert())
 
+    # CUMSUM: XNNPACK leaves it to the TFLite kernels, and LiteRT 2.3's GPU accelerator dies on it
+    x = inp = keras.Input(batch_shape=(1, 32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Lambda(lambda t: keras.ops.cumsum(t, axis=-1))(x)
+    x = keras.layers.Conv2D(4, 1)(x)
+    (tmp / "tiny_cumsum.tflite").write_bytes(
+        tf.lite.TFLiteConverter.from_keras_model(keras.Model(inp, x)).convert())
+
     tf2onnx.convert.from_function(tf.function(lambda x: model(x)),
                                   input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32, name="image")],
                                   opset=17, output_path=str(tmp / "tiny_fp32.onnx"))
@@ -126,6 +134,7 @@ def build_tiny_export(folder: Path) -> Path:
     for aid, fmt, prec, path in (("tflite-fp32", "tflite", "fp32", "tiny_fp32.tflite"),
                                  ("tflite-int8", "tflite", "int8", "tiny_int8.tflite"),
                                  ("tflite-dynbatch", "tflite", "fp32", "tiny_dynbatch.tflite"),
+                                 ("tflite-cumsum", "tflite", "fp32", "tiny_cumsum.tflite"),
                                  ("onnx-fp32", "onnx", "fp32", "tiny_fp32.onnx"),
                                  ("edgetpu-int8", "edgetpu", "int8", "tiny_edgetpu.tflite"),
                                  ("coreml-fp32", "coreml", "fp32", "tiny_fp32.mlpackage")):
@@ -190,6 +199,10 @@ def test_cpu_runtime_facts(cpu_report):
     assert fp32.runtime == "litert" and fp32.runtime_api == "interpreter"
     assert fp32.placement["accelerator"] == "xnnpack"
     assert fp32.placement["ops_total"] > 0 and fp32.placement["fully_accelerated"] is True
+    cumsum = rows[("tflite-cumsum", "cpu")]  # ops XNNPACK does not take run on TFLite's own kernels
+    assert cumsum.status == "ok" and cumsum.placement["fully_accelerated"] is False
+    assert cumsum.placement["fallback_ops"] == {"CUMSUM": 1}
+    assert cumsum.placement["ops_accelerated"] == cumsum.placement["ops_total"] - 1 >= 2
     int8 = rows[("tflite-int8", "cpu")]
     assert int8.inputs[0]["dtype"] == "int8" and int8.inputs[0]["scale"]
     onnx = rows[("onnx-fp32", "cpu")]
@@ -431,4 +444,4 @@ def test_cli_crash_row_exit_1_but_reports_written(export_copy, monkeypatch, caps
 
 def test_manifest_loads(tiny_export):
     m, folder = load_manifest(tiny_export)
-    assert folder == tiny_export and len(m.artifacts) == 7
+    assert folder == tiny_export and len(m.artifacts) == 8

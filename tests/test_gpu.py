@@ -130,6 +130,21 @@ def test_bench_gpu_rows(gpu_probe, tiny_export):
         assert "correctness only" in rep.targets["gpu"]["tflite"]["note"]
 
 
+def test_gpu_runtime_crash_fails_only_its_row(gpu_probe, tiny_export):
+    # ai-edge-litert 2.3's WebGPU accelerator dies (SIGILL) compiling a model with CUMSUM: a real
+    # runtime crash. If a later LiteRT runs it, the row must say how the ops were placed instead.
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["gpu"], runs=3, min_seconds=0.0, warmup=0,
+                                                        threads=1, artifacts=["tflite-cumsum", "tflite-fp32"]))
+    rows = {(r.artifact, r.target): r for r in rep.rows}
+    cumsum = rows[("tflite-cumsum", "gpu")]
+    if cumsum.status == "failed":
+        assert cumsum.signal and cumsum.signal.startswith("SIG") and cumsum.signal in cumsum.reason
+        assert "crashed" in cumsum.reason
+    else:
+        assert cumsum.status == "ok" and "fully_accelerated" in cumsum.placement
+    assert rows[("tflite-fp32", "gpu")].status == "ok"
+
+
 def test_agent_gpu_reports_dynamic_batch_reason(gpu_probe, tiny_export):
     r = subprocess.run([sys.executable, str(AGENT), "--artifact", str(tiny_export / "tiny_dynbatch.tflite"),
                         "--format", "tflite", "--target", "gpu", "--runs", "1"],
