@@ -29,9 +29,14 @@ def register(app: typer.Typer) -> None:
                           labels_map=labels_map, source_model=source_model, threads=threads,
                           artifacts=[a.strip() for a in artifacts.split(",") if a.strip()] if artifacts else None)
         validate(req)
+        from .util import stdout_to_stderr
+
         prog = _Progress(quiet=json_out)
-        res = evaluate(req, prog)
-        prog.close()
+        try:
+            with stdout_to_stderr():  # runtimes print to fd 1 (LiteRT's GPU accelerator does); keep --json clean
+                res = evaluate(req, prog)
+        finally:
+            prog.close()
         if json_out:
             from .cli import emit_json
 
