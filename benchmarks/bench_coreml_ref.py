@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="limit BLAS threads (threadpoolctl); default: numpy's own")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
 
@@ -60,13 +61,21 @@ def main(argv=None) -> int:
         else:
             x = rng.standard_normal(shape).astype(np.float32)
         feed = {spec.name: x}
-        for _ in range(args.warmup):
-            model.predict(feed)
-        times = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            model.predict(feed)
-            times.append(time.perf_counter() - t0)
+        import contextlib
+
+        limit = contextlib.nullcontext()
+        if args.threads:
+            from threadpoolctl import threadpool_limits
+
+            limit = threadpool_limits(limits=args.threads)
+        with limit:
+            for _ in range(args.warmup):
+                model.predict(feed)
+            times = []
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                model.predict(feed)
+                times.append(time.perf_counter() - t0)
 
     res = {
         "model": str(args.package) if args.package else f"MobileNet {args.size} fp16 mlprogram (weights=None)",
@@ -77,7 +86,9 @@ def main(argv=None) -> int:
         "predict_min_s": round(min(times), 4),
         "predict_max_s": round(max(times), 4),
         "runs": args.runs,
+        "threads": args.threads,
         "cpus": os.cpu_count(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
         "numpy": np.__version__,
     }
@@ -87,7 +98,8 @@ def main(argv=None) -> int:
         print(f"{res['model']}: predict median {res['predict_median_s'] * 1000:.0f} ms "
               f"(min {res['predict_min_s'] * 1000:.0f}, max {res['predict_max_s'] * 1000:.0f}, "
               f"{args.runs} runs), load {res['load_s'] * 1000:.0f} ms, {res['ops']} ops, "
-              f"{res['cpus']} CPUs, numpy {res['numpy']}")
+              f"{res['cpus']} CPUs (load average {res['load_average_1min']}), "
+              f"threads {args.threads or 'default'}, numpy {res['numpy']}")
     return 0
 
 
