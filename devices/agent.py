@@ -178,13 +178,33 @@ def memory_now():
 # stderr capture (native runtimes log placement facts there)
 # ---------------------------------------------------------------------------------------------
 class CaptureStderr:
-    """Redirect fd 2 to a temporary file; ``text`` holds what was written. Echoed back on exit."""
+    """Tee fd 2 (native runtimes log there) into ``text`` while still passing it through.
+
+    A ``tee`` child process copies the pipe to the real stderr as bytes arrive, so if the runtime
+    kills this process (a delegate crash) the parent still sees what was logged; a Python thread
+    would not do: native calls hold the GIL. Without ``tee`` the log goes to a file, echoed after.
+    """
 
     def __enter__(self):
+        import shutil
+        import subprocess
+
         sys.stderr.flush()
-        self._tmp = tempfile.TemporaryFile(mode="w+b")
         self._saved = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
+        self._file = tempfile.NamedTemporaryFile(prefix="edgepipe-agent-log-", delete=False)
+        self._file.close()
+        tee = shutil.which("tee")
+        self._tee = None
+        if tee:
+            try:
+                self._tee = subprocess.Popen([tee, self._file.name], stdin=subprocess.PIPE, stdout=self._saved,
+                                             stderr=subprocess.DEVNULL)
+                os.dup2(self._tee.stdin.fileno(), 2)
+            except OSError:
+                self._tee = None
+        if self._tee is None:
+            self._fh = open(self._file.name, "wb")
+            os.dup2(self._fh.fileno(), 2)
         self.text = ""
         return self
 
@@ -194,14 +214,33 @@ class CaptureStderr:
         except Exception:
             pass
         os.dup2(self._saved, 2)
+        if self._tee is not None:
+            self._tee.stdin.close()
+            try:
+                self._tee.wait(timeout=10)
+            except Exception:
+                self._tee.kill()
+        else:
+            self._fh.close()
+        try:
+            with open(self._file.name, "rb") as fh:
+                self.text = fh.read().decode("utf-8", "replace")
+            os.remove(self._file.name)
+        except OSError:
+            pass
+        if self._tee is None and self.text:
+            os.write(self._saved, self.text.encode())
         os.close(self._saved)
-        self._tmp.seek(0)
-        self.text = self._tmp.read().decode("utf-8", "replace")
-        self._tmp.close()
-        if self.text:
-            sys.stderr.write(self.text)
-            sys.stderr.flush()
         return False
+
+
+def stage(name):
+    """Mark progress on stderr: if the process dies, the parent knows in which stage."""
+    try:
+        sys.stderr.write("edgepipe-agent: stage %s\n" % name)
+        sys.stderr.flush()
+    except Exception:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,6 +835,7 @@ def measure(backend, samples, runs=50, min_seconds=1.0, warmup=5, max_seconds=No
     clock = time.perf_counter
     k = len(samples)
     res = {}
+    stage("first inference")
     t0 = clock()
     outs = backend.run(samples[0])
     res["first_ms"] = (clock() - t0) * 1000.0
@@ -806,6 +846,7 @@ def measure(backend, samples, runs=50, min_seconds=1.0, warmup=5, max_seconds=No
         backend.run(samples[i % k])
         wu.append((clock() - t0) * 1000.0)
     res["warmup_ms"] = wu
+    stage("measure")
     times = []
     gc_was = gc.isenabled()
     gc.disable()
@@ -837,6 +878,7 @@ def measure(backend, samples, runs=50, min_seconds=1.0, warmup=5, max_seconds=No
     mean = res["latency_ms"].get("mean")
     res["throughput_ips"] = 1000.0 / mean if mean else None
     if profile:
+        stage("profile")
         try:
             res["profile"] = backend.profile(samples[0], profile_runs) or {
                 "source": None,
@@ -861,6 +903,7 @@ def run_agent(args, opener=None):
     import numpy as np  # noqa: F401  (import cost is not the model's)
 
     info["memory_baseline"] = memory_now()
+    stage("load")
     t0 = time.perf_counter()
     if opener is not None:
         backend = opener()
@@ -868,17 +911,20 @@ def run_agent(args, opener=None):
         backend = open_backend(args.artifact, args.format, args.target, args.threads, args.delegate, args.api)
     info["load_ms"] = (time.perf_counter() - t0) * 1000.0
     info["memory_after_load"] = memory_now()
+    stage("loaded")
     _crash_hook(args.artifact)
     info["runtime"] = {"name": backend.runtime, "version": backend.version, "api": backend.api}
     info["threads"] = args.threads or None
     info["inputs"] = [{k: v for k, v in i.items() if k != "index"} for i in backend.inputs]
     info["outputs"] = [{k: v for k, v in o.items() if k != "index"} for o in backend.outputs]
+    stage("inputs")
     samples, source = load_inputs(backend, args.inputs)
     info["input_source"] = source
     info["input_samples"] = len(samples)
     res, first = measure(backend, samples, runs=args.runs, min_seconds=args.min_seconds, warmup=args.warmup,
                          max_seconds=args.max_seconds, profile=args.profile)
     info.update(res)
+    stage("placement")
     try:
         info["placement"] = backend.placement()
     except Exception as e:  # noqa: BLE001
@@ -886,6 +932,7 @@ def run_agent(args, opener=None):
     if args.save_outputs:
         import numpy as np
 
+        stage("save outputs")
         arrays = {}
         for s_i, feeds in enumerate(samples[:8]):
             ys = backend.run(feeds)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -349,8 +350,12 @@ def manifest_inputs(manifest: Manifest, folder: Path, tmp: Path) -> tuple[Option
 # running
 # ---------------------------------------------------------------------------------------------
 def _tail(text: str, n: int = 6, width: int = 1500) -> str:
-    noise = ("INFO:", "I0000", "W0000", "Warning: maxDynamic")
-    lines = [ln.rstrip() for ln in (text or "").splitlines() if ln.strip() and not ln.startswith(noise)]
+    noise = ("INFO:", "I0000", "W0000", "Warning: maxDynamic", "edgepipe-agent: stage")
+    # LiteRT's start-up chatter about plugins this host does not have says nothing about a failure
+    chatter = ("npu_registry", "compiler_plugin", "Could not load shared library", "Logging before InitGoogle",
+               "Created a WebGPU environment")
+    lines = [ln.rstrip() for ln in (text or "").splitlines()
+             if ln.strip() and not ln.startswith(noise) and not any(c in ln for c in chatter)]
     s = "\n".join(lines[-n:])
     return s[-width:]
 
@@ -436,7 +441,12 @@ def apply_agent_output(row: BenchRow, returncode: int, stdout: str, stderr: str)
     if r.returncode < 0:
         row.status = "failed"
         row.signal = host.signal_name(r.returncode)
-        row.reason = f"the runtime crashed with {row.signal}"
+        stages = re.findall(r"^edgepipe-agent: stage (.+)$", r.stderr or "", re.M)
+        where = {"load": " while loading/compiling the model", "loaded": " after loading the model",
+                 "first inference": " in the first inference",
+                 "measure": " while measuring", "inputs": " while preparing inputs"}.get(stages[-1] if stages else "",
+                                                                                         f" ({stages[-1]})" if stages else "")
+        row.reason = f"the runtime crashed with {row.signal}{where}"
         return row
     if not isinstance(d, dict):
         row.status = "failed"
