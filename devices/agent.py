@@ -9,8 +9,10 @@ keeps Python 3.9 syntax, so it can be copied to a remote board (scp/adb push) an
         --runs 100 --min-seconds 5 --warmup 10 [--inputs inputs.npz] [--profile]
     python agent.py --probe cpu,gpu,edgetpu      # what can this host run, and why not
 
-It prints exactly one JSON object on stdout (everything the runtimes print goes to stderr).
-Exit status: 0 measured, 1 error (the JSON says why), 3 target unavailable (the JSON says why).
+It prints exactly one JSON object on stdout (everything the runtimes print goes to stderr, with
+``edgepipe-agent: stage NAME`` lines, so a parent whose agent died knows in which stage).
+Exit status: 0 measured, 1 error (the JSON says why), 3 target unavailable (the JSON says why);
+killed by a signal when the runtime itself crashed.
 
 The method
   1. load + initialise the model (timed: ``load_ms``; for the GPU this includes kernel compilation)
