@@ -857,11 +857,13 @@ def bench_devices(manifest_path, settings: BenchSettings, device_spec: str, conf
     names = resolve_devices(device_spec, registry)
     if benchmark_binary:
         check_benchmark_binary(benchmark_binary)
+    # every runner is built (and so every device's options checked) before the first measurement
+    runners = [(n, LocalRunner() if n == "local" else make_runner(registry.get(n), registry, benchmark_binary))
+               for n in names]
     reports = []
-    for name in names:
+    for name, runner in runners:
         if on_device:
             on_device(name)
-        runner = LocalRunner() if name == "local" else make_runner(registry.get(name), registry, benchmark_binary)
         s = copy.deepcopy(settings)
         if name == "local":
             reports.append(run_bench(manifest_path, settings=s, progress=progress, runner=runner))
