@@ -268,7 +268,8 @@ class ADBRunner(RemoteRunner):
             self.t.push([job.path], d, _push_timeout([job.path], self.step_timeout))
             argv = bm.command(binary, f"{d}/{job.path.name}", row.target, threads, s.runs, s.min_seconds, s.warmup,
                               max_secs=max(s.min_seconds, 0.5 * s.timeout_s), profile=s.profile)
-            res = self.t.shell(self.run_script(d, argv, s.timeout_s, merge_stderr=True), s.timeout_s + self.step_timeout)
+            res = self.t.shell(self.run_script(d, argv, s.timeout_s, merge_stderr=True),
+                               s.timeout_s + self.step_timeout)
             self._finish_bm(row, res, s)
         except TransportError as e:
             row.status, row.reason = "failed", f"{self.name}: {e.one_line()}"

@@ -474,7 +474,8 @@ def parse_facts(text: str, python: str) -> dict:
         "versions": {"numpy": npv if npok else None},
     }
     if props:
-        facts["android"] = {"manufacturer": props.get("ro.product.manufacturer"), "model": props.get("ro.product.model"),
+        facts["android"] = {"manufacturer": props.get("ro.product.manufacturer"),
+                            "model": props.get("ro.product.model"),
                             "abi": props.get("ro.product.cpu.abi"), "release": props.get("ro.build.version.release"),
                             "sdk": props.get("ro.build.version.sdk"), "soc": props.get("ro.soc.model")}
         facts["cpu"]["abi"] = props.get("ro.product.cpu.abi")

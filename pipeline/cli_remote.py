@@ -120,7 +120,8 @@ def devices(
             notes.append(f"{d['name']}: {d['error']}")
             continue
         cpu = d.get("cpu") or {}
-        cpu_txt = f"{cpu.get('model') or '?'} ({cpu.get('abi') or cpu.get('arch') or '?'}, {cpu.get('usable_cores')} cores)"
+        abi = cpu.get("abi") or cpu.get("arch") or "?"
+        cpu_txt = f"{cpu.get('model') or '?'} ({abi}, {cpu.get('usable_cores')} cores)"
         vers = ", ".join(f"{k} {v}" for k, v in (d.get("versions") or {}).items())
         offers, reasons = _offer_text(d.get("targets") or {})
         t.add_row(d["name"], d.get("url", ""), "[green]yes[/]", cpu_txt, d.get("python") or "-", vers or "-",
@@ -152,13 +153,15 @@ def add(
     key: Optional[str] = typer.Option(None, "--key", help="ssh private key (identity file) for this device."),
     accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key",
                                              help="Record the device's ssh host key on first contact "
-                                                  "(StrictHostKeyChecking=accept-new); a changed key is still refused."),
+                                                  "(StrictHostKeyChecking=accept-new); a changed key is still "
+                                                  "refused."),
     known_hosts: Optional[str] = typer.Option(None, "--known-hosts",
                                               help="ssh known_hosts file, or 'user' for ssh's default "
                                                    "(default: edgepipe's own, next to the registry)."),
     python: Optional[str] = typer.Option(None, "--python", help="The device's Python (default: python3)."),
-    tmpdir: Optional[str] = typer.Option(None, "--tmpdir", help="Where temp dirs go on the device "
-                                                                "(default: $TMPDIR or /tmp; /data/local/tmp on Android)."),
+    tmpdir: Optional[str] = typer.Option(None, "--tmpdir",
+                                         help="Where temp dirs go on the device "
+                                              "(default: $TMPDIR or /tmp; /data/local/tmp on Android)."),
     env: Optional[list[str]] = typer.Option(None, "--env", help="NAME=VALUE for the remote agent (repeatable)."),
     benchmark_binary: Optional[str] = typer.Option(None, "--benchmark-binary",
                                                    help="adb: TFLite's benchmark_model built for the device."),
