@@ -423,6 +423,11 @@ def _evaluate_artifact(a: Artifact, folder: Path, targets, explicit, ds, data, s
         return [{**base, "target": None, "runtime": None, "status": "error",
                  "reason": f"export failed: {a.error or a.status}"}]
     path = folder / a.path
+    if not path.exists():
+        return [{**base, "target": None, "runtime": None, "status": "error", "reason": f"artifact file {a.path} is missing"}]
+    if a.sha256 and sha256_file(path) != a.sha256:
+        return [{**base, "target": None, "runtime": None, "status": "error",
+                 "reason": f"{a.path} changed since the export (sha256 differs from the manifest's)"}]
     rts = _runtimes(a.format, targets)
     rows = []
     for rt in rts:
