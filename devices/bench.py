@@ -383,7 +383,7 @@ def _command(job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path], 
     return [sys.executable, "-m", "edgepipe.devices.bench", "--worker", json.dumps(spec)]
 
 
-def _fill(row: BenchRow, d: dict) -> None:
+def _fill(row: BenchRow, d: dict, s: Optional[BenchSettings] = None) -> None:
     rt = d.get("runtime") or {}
     row.runtime_version = rt.get("version")
     row.runtime_api = rt.get("api")
@@ -402,8 +402,9 @@ def _fill(row: BenchRow, d: dict) -> None:
                   "model_peak_kb": (peak - base) if peak and base else None}
     row.samples_ms = [round(x, 5) for x in row.samples_ms]
     if row.truncated:
-        row.notes.append(f"stopped at --max-seconds after {row.latency_ms.get('n')} runs "
-                         f"(asked for {row.latency_ms.get('n')}+ runs and the minimum time)")
+        asked = f"{s.runs} runs and {s.min_seconds:g} s" if s else "the runs and seconds asked for"
+        row.notes.append(f"stopped after {row.measured_s:.0f} s and {row.latency_ms.get('n')} runs, short of "
+                         f"{asked} (half the --timeout)")
 
 
 def run_row(job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path], outputs: Optional[Path]) -> BenchRow:
@@ -418,15 +419,16 @@ def run_row(job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path], o
     except subprocess.TimeoutExpired as e:
         row.wall_s = time.perf_counter() - t0
         row.status = "failed"
-        row.reason = f"timed out after {s.timeout_s:.0f} s"
+        row.reason = f"timed out after {s.timeout_s:g} s"
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         row.stderr_tail = _tail(err)
         return row
     row.wall_s = time.perf_counter() - t0
-    return apply_agent_output(row, r.returncode, r.stdout, r.stderr)
+    return apply_agent_output(row, r.returncode, r.stdout, r.stderr, s)
 
 
-def apply_agent_output(row: BenchRow, returncode: int, stdout: str, stderr: str) -> BenchRow:
+def apply_agent_output(row: BenchRow, returncode: int, stdout: str, stderr: str,
+                       settings: Optional[BenchSettings] = None) -> BenchRow:
     """Fill ``row`` from what one agent run printed (its JSON line) and its exit status (negative: the
     signal that killed it). Shared by the local subprocess and the remote runners (devices/remote.py)."""
     r = subprocess.CompletedProcess([], returncode, stdout or "", stderr or "")
@@ -456,7 +458,7 @@ def apply_agent_output(row: BenchRow, returncode: int, stdout: str, stderr: str)
     if st == "ok":
         row.status = "ok"
         row.reason = None
-        _fill(row, d)
+        _fill(row, d, settings)
     elif st == "unavailable":
         row.status, row.reason = "unavailable", d.get("reason")
     else:

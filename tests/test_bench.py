@@ -249,6 +249,20 @@ def test_crashing_runtime_fails_only_its_row(tiny_export, monkeypatch):
     assert rows[("onnx-fp32", "cpu")].status == "ok"
 
 
+def test_timeout_and_time_cap(tiny_export):
+    # a row that runs past --timeout is killed and failed; the agent itself stops measuring at
+    # half the timeout and says it fell short of what was asked
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["cpu"], artifacts=["tflite-fp32"], runs=5,
+                                                        min_seconds=0, warmup=0, threads=1, timeout_s=0.05))
+    assert rep.rows[0].status == "failed" and rep.rows[0].reason == "timed out after 0.05 s"
+    rep = run_bench(tiny_export, settings=BenchSettings(targets=["cpu"], artifacts=["tflite-fp32"], runs=10 ** 8,
+                                                        min_seconds=0, warmup=0, threads=1, timeout_s=3,
+                                                        agreement=False))
+    r = rep.rows[0]
+    assert r.status == "ok" and r.truncated is True and r.latency_ms["n"] < 10 ** 8
+    assert 1.0 <= r.measured_s < 3 and "short of 100000000 runs" in r.notes[0]
+
+
 def test_edgetpu_rows_unavailable_or_skipped_with_reasons(tiny_export):
     rep = run_bench(tiny_export, settings=BenchSettings(targets=["edgetpu"], **FAST))
     rows = _rows(rep)
