@@ -27,23 +27,23 @@ def _representative(calibration):
     return gen
 
 
+def _key(precision: str, options: ExportOptions) -> str:
+    return f"tflite_{precision}_{options.int8_io if precision == 'int8' else ''}"
+
+
 class TFLiteFormat(Format):
     name = "tflite"
     suffix = ".tflite"
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
 
-    def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
+    def convert(self, traced, precision, calibration, options: ExportOptions) -> tuple[bytes, dict]:
+        """Run the converter once for this precision; returns the flatbuffer and what was used.
+
+        The converter releases the GIL for most of its work, so the export stage runs these
+        in a background thread while ONNX and Core ML convert in the foreground.
+        """
         import tensorflow as tf
 
-        from edgepipe.devices.litert import tflite_io
-
-        key = f"tflite_{precision}_{options.int8_io if precision == 'int8' else ''}"
-        if key in traced.shared:  # e.g. the Edge TPU format reuses the int8 model
-            data, used = traced.shared[key]
-            dest.write_bytes(data)
-            ins, outs = tflite_io(dest)
-            calib = {**calibration.describe(), "method": "minmax (TFLite converter)"} if calibration else None
-            return ExportResult(dest, ins, outs, dict(used), calib)
         c = _converter(traced)
         used: dict = {"converter": "TFLiteConverter.from_saved_model" if traced.loaded.is_keras
                       else "TFLiteConverter.from_concrete_functions"}
@@ -69,11 +69,25 @@ class TFLiteFormat(Format):
             c.target_spec.supported_ops = [
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
             used.update(io="float32", activations="int16", weights="int8")
-        data = c.convert()
-        traced.shared[key] = (data, used)
+        return c.convert(), used
+
+    def prefetch(self, traced, precision, calibration, options: ExportOptions) -> str:
+        """Key under which a (possibly background) conversion result is shared."""
+        return _key(precision, options)
+
+    def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
+        from edgepipe.devices.litert import tflite_io
+
+        key = _key(precision, options)
+        got = traced.shared.get(key)
+        if got is None:
+            got = traced.shared[key] = self.convert(traced, precision, calibration, options)
+        elif hasattr(got, "result"):  # a background conversion: wait for it (re-raises its error)
+            got = traced.shared[key] = got.result()
+        data, used = got
         dest.write_bytes(data)
         ins, outs = tflite_io(dest)
         calib = None
         if precision in ("int8", "int16x8"):
             calib = {**calibration.describe(), "method": "minmax (TFLite converter)"}
-        return ExportResult(dest, ins, outs, used, calib)
+        return ExportResult(dest, ins, outs, dict(used), calib)

@@ -37,6 +37,7 @@ class ExportRequest:
     options: object = None  # ExportOptions
     use_cache: bool = True
     skipped: list[dict] = field(default_factory=list)
+    parallel: bool = True  # TFLite conversions in a background thread
 
     @property
     def folder(self) -> Path:
@@ -48,7 +49,7 @@ def build_plan(formats: Optional[list[str]], precisions: Optional[list[str]], in
     from edgepipe.export import PRECISIONS, formats as all_formats
 
     fm = all_formats()
-    fnames = formats or [n for n in fm if n in ("tflite", "onnx", "coreml")]
+    fnames = formats or ["tflite", "onnx", "coreml"]
     for f in fnames:
         if f not in fm:
             raise UserError(f"unknown format '{f}'", f"Use one or more of: {', '.join(fm)}")
@@ -191,10 +192,45 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
     return manifest
 
 
+def _start_background(req, traced, calibration):
+    """Run the TFLite conversions in one background thread while the other formats convert
+    in the foreground (TFLite's converter releases the GIL; ONNX and Core ML mostly don't).
+    Returns the executor, or None when there is nothing to overlap."""
+    from edgepipe.export import CALIBRATED
+    from edgepipe.export.tflite import TFLiteFormat
+
+    tfl = [p for f, p in req.plan if f in ("tflite", "edgetpu")]
+    others = [f for f, _ in req.plan if f not in ("tflite", "edgetpu")]
+    if not tfl or not others or not req.parallel or (os.cpu_count() or 1) < 2:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-tflite")
+    fmt = TFLiteFormat()
+    for p in dict.fromkeys("int8" if f == "edgetpu" else p for f, p in req.plan if f in ("tflite", "edgetpu")):
+        key = fmt.prefetch(traced, p, calibration, req.options)
+        if key not in traced.shared:
+            traced.shared[key] = ex.submit(fmt.convert, traced, p, calibration if p in CALIBRATED else None,
+                                           req.options)
+    return ex
+
+
 def _export_all(req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress) -> None:
+    ex = _start_background(req, traced, calibration)
+    # formats converting in the foreground first; the background ones are then mostly ready
+    order = sorted(req.plan, key=lambda fp: fp[0] in ("tflite", "edgetpu")) if ex else req.plan
+    try:
+        _export_each(order, req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress)
+    finally:
+        if ex is not None:
+            ex.shutdown(wait=True, cancel_futures=True)
+    manifest.artifacts.sort(key=lambda a: req.plan.index((a.format, a.precision)))
+
+
+def _export_each(order, req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress):
     from edgepipe.export import get_format
 
-    for fmt, precision in req.plan:
+    for fmt, precision in order:
         art = _export_one(traced, fmt, precision, calibration, req, folder, get_format(fmt), progress)
         if art.ok and req.verify:
             progress("verify", {"id": art.id})
