@@ -207,6 +207,8 @@ def load(req: ModelRequest) -> LoadedModel:
         if req.weights not in ("imagenet", "none"):
             src.path = str(Path(req.weights).resolve())
             src.sha256 = sha256_file(req.weights)
+        if req.weights == "imagenet" and req.labels is None:
+            req.labels = imagenet_labels()
         return _finish(LoadedModel(src, model, req.preprocessing), req)
     if req.kind == "savedmodel":
         return _finish(_load_savedmodel(req), req)
@@ -221,6 +223,18 @@ def load(req: ModelRequest) -> LoadedModel:
     src = SourceModel(name=req.name, kind=req.kind, path=str(req.path), sha256=sha256_file(req.path),
                       weights="file", seed=req.seed)
     return _finish(LoadedModel(src, model, req.preprocessing), req)
+
+
+def imagenet_labels() -> Optional[list[str]]:
+    """The 1000 ImageNet class names from Keras' cached index, if it is on disk (no download)."""
+    import json
+
+    p = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / "imagenet_class_index.json"
+    try:
+        idx = json.loads(p.read_text())
+        return [idx[str(i)][1] for i in range(1000)]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _build_builtin(keras, req: ModelRequest):

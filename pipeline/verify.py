@@ -107,7 +107,12 @@ def compare(outputs, reference, precision: str = "fp32", thresholds: Optional[di
     ac = a_ - a_.mean(axis=1, keepdims=True)
     rc = r_ - r_.mean(axis=1, keepdims=True)
     cc = float(np.mean([_cos(x, y) for x, y in zip(ac, rc)])) if finite else 0.0
-    ic = _cos((a_ - a_.mean(0)).ravel(), (r_ - r_.mean(0)).ravel()) if finite and len(r_) > 1 else None
+    ic = None
+    if finite and len(r_) > 1:
+        ra, rr = a_ - a_.mean(0), r_ - r_.mean(0)
+        # only meaningful when the reference itself varies with the input
+        if np.abs(rr).max() > 1e-4 * max(1.0, float(np.abs(r_).max())):
+            ic = _cos(ra.ravel(), rr.ravel())
     top1, confident = None, 0
     if r.shape[1] > 1:
         # Agreement counted where the reference's top-1 margin exceeds the observed

@@ -212,3 +212,29 @@ def test_killed_export_leaves_no_partial_file(tmp_path):
     for f in folder.iterdir():
         if f.suffix in (".tflite", ".onnx"):
             assert f.name in listed, f"{f.name} is not a complete, recorded artifact"
+
+
+def test_labels_and_preprocessing_travel_with_the_artifacts(tiny_keras_files, tmp_path):
+    import onnx
+
+    from edgepipe.devices.coreml_ref import describe
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(["cat", "dog", "fox", "owl", "elk"]) + "\n")
+    res = run_cli("export", str(tiny_keras_files["keras"]), "--formats", "onnx,coreml", "--preprocess", "caffe",
+                  "--labels", str(labels), "--out", str(tmp_path / "o"), "--no-cache", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads(res.stdout)
+    folder = tmp_path / "o" / "tiny"
+    arts = {a["id"]: a for a in m["artifacts"]}
+    props = {p.key: p.value for p in onnx.load(str(folder / arts["onnx-fp32"]["path"])).metadata_props}
+    pp = json.loads(props["edgepipe.preprocessing"])
+    assert pp["mode"] == "caffe" and pp["channel_order"] == "BGR"
+    assert json.loads(props["edgepipe.labels"])[1] == "dog"
+    ml = describe(folder / arts["coreml-fp16"]["path"])
+    assert list(ml.classes) == ["cat", "dog", "fox", "owl", "elk"]
+    assert arts["coreml-fp16"]["options"]["input_kind"] == "image"
+    assert arts["coreml-fp16"]["verification"]["status"] == "passed", arts["coreml-fp16"]["verification"]
+    side = json.loads((folder / "preprocessing.json").read_text())
+    assert side["preprocessing"]["mean"] == [103.939, 116.779, 123.68]
+    assert all(a["metadata_path"] == "preprocessing.json" for a in m["artifacts"])
