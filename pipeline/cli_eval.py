@@ -141,6 +141,7 @@ def _print_check(res) -> None:
 
     from .cli import console
     from .evaluate import METRIC_LABELS
+    from .gate import _pts
 
     c = console(stderr=False)
     t = Table(title=res.summary_line())
@@ -150,7 +151,7 @@ def _print_check(res) -> None:
     style = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "skipped": "[yellow]skipped[/]"}
     for r in res.rows:
         t.add_row(r.artifact, r.target or "-", METRIC_LABELS.get(r.check, r.check), f(r.source_value),
-                  f(r.artifact_value), f(r.drop), "-" if r.budget is None else f"{r.budget:g}", style[r.status])
+                  f(r.artifact_value), f(r.drop), "-" if r.budget is None else _pts(r.budget), style[r.status])
     c.print(t)
     for r in res.rows:
         if r.reason and r.status != "pass":

@@ -177,14 +177,14 @@ def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
                 src_v = 100.0 if b.metric == "agreement" else source[b.metric]
                 drop = r["drop"][b.metric]
                 ok = drop <= budget + EPS
-                reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {budget:g} points"
+                reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {_pts(budget)} points"
                                           f" ({r.get('lost', 0)} images lost, {r.get('gained', 0)} gained)")
                 rows.append(CheckRow(a.id, a.format, a.precision, b.metric, r.get("target"), r.get("runtime"),
                                      src_v, r[b.metric], drop, budget, origin, "pass" if ok else "fail", reason))
         if config.require_verified:
             v = a.verification
             ok = v.status == "passed"
-            rows.append(CheckRow(a.id, a.format, a.precision, "verified", v.checker, None, status="pass" if ok else "fail",
+            rows.append(CheckRow(a.id, a.format, a.precision, "verified", None, v.checker, status="pass" if ok else "fail",
                                  reason=None if ok else f"verification {v.status}" + (f": {v.reason}" if v.reason else "")))
     if config.require_full_edgetpu:
         rows.extend(_edgetpu_rows(m))
@@ -231,6 +231,11 @@ def _edgetpu_rows(m: Manifest) -> list[CheckRow]:
 
 
 # --------------------------------------------------------------------------- reports
+def _pts(v: float) -> str:
+    """1 -> '1.0', 1.25 -> '1.25': budgets as the user wrote them, never '1 points'."""
+    return f"{v:.1f}" if abs(v * 10 - round(v * 10)) < 1e-9 else f"{v:g}"
+
+
 def _fmt(v: Optional[float], nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -245,9 +250,9 @@ def _dataset_line(ds: dict) -> str:
 def _budget_line(cfg: GateConfig) -> str:
     parts = []
     for b in cfg.budgets:
-        s = f"{METRIC_LABELS[b.metric]} max drop {b.max_drop:g} points"
+        s = f"{METRIC_LABELS[b.metric]} max drop {_pts(b.max_drop)} points"
         if b.overrides:
-            s += " (" + ", ".join(f"{k}: {v:g}" for k, v in b.overrides.items()) + ")"
+            s += " (" + ", ".join(f"{k}: {_pts(v)}" for k, v in b.overrides.items()) + ")"
         parts.append(s)
     if cfg.require_verified:
         parts.append("verification must pass")
@@ -264,7 +269,7 @@ def render_markdown(res: CheckResult) -> str:
              "| artifact | target | check | source | artifact | drop | budget | result |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in res.rows:
-        budget = "-" if r.budget is None else f"{r.budget:g}" + (f" ({r.budget_from})" if r.budget_from not in (None, "default") else "")
+        budget = "-" if r.budget is None else _pts(r.budget) + (f" ({r.budget_from})" if r.budget_from not in (None, "default") else "")
         lines.append(f"| {r.artifact} | {r.target or '-'} | {METRIC_LABELS.get(r.check, r.check)} | "
                      f"{_fmt(r.source_value)} | {_fmt(r.artifact_value)} | {_fmt(r.drop)} | {budget} | {icon[r.status]} |")
     notes = [r for r in res.rows if r.reason and r.status != "pass"]
@@ -294,7 +299,7 @@ def render_junit(res: CheckResult) -> str:
     for r in res.rows:
         tc = ET.SubElement(suite, "testcase", classname=f"edgepipe.{res.model}.{r.artifact}", name=r.name)
         detail = (f"source {_fmt(r.source_value)}, artifact {_fmt(r.artifact_value)}, drop {_fmt(r.drop)}, "
-                  f"budget {'-' if r.budget is None else f'{r.budget:g}'}")
+                  f"budget {'-' if r.budget is None else _pts(r.budget)}")
         if r.status == "fail":
             f = ET.SubElement(tc, "failure", message=r.reason or "failed", type=f"edgepipe.{r.check}")
             f.text = detail

@@ -75,7 +75,7 @@ def test_passes_within_budget_and_fails_over_it(tmp_path, capsys):
     folder = _setup(tmp_path, [_row("tflite-int8", top1=97.2), _row("onnx-int8", top1=96.5), _row("tflite-fp16")])
     rc, out, err = _check(folder, capsys, "--max-drop", "1.0")
     assert rc == 1
-    assert "onnx-int8 on cpu: top-1" in err and "drop 1.50 > budget 1" in err
+    assert "onnx-int8 on cpu: top-1" in err and "drop 1.50 > budget 1.0 points" in err
     assert "tflite-int8 on cpu" not in err  # 0.8 points: within budget
     assert "FAIL" in out and "1 of 3 checks failed" in out
     rc, out, err = _check(folder, capsys, "--max-drop", "1.5")
@@ -176,12 +176,12 @@ def test_junit_markdown_and_step_summary(tmp_path, capsys, monkeypatch):
     assert len(cases) == 4
     (failed,) = [c for c in cases if c.find("failure") is not None]
     assert failed.get("name") == "tflite-int8 on cpu: top-1"
-    assert "drop 3.00 > budget 1" in failed.find("failure").get("message")
+    assert "drop 3.00 > budget 1.0 points" in failed.find("failure").get("message")
     assert [c.get("name") for c in cases if c.find("skipped") is not None] == ["onnx-int8 on gpu: eval"]
     md = (tmp_path / "check.md").read_text()
     assert md.startswith("### edgepipe check: m: ❌ 1 failed")
-    assert "| tflite-int8 | cpu | top-1 | 98.00 | 95.00 | 3.00 | 1 | ❌ FAIL |" in md
-    assert "| onnx-int8 | cpu | top-1 | 98.00 | 98.00 | 0.00 | 1 | ✅ pass |" in md
+    assert "| tflite-int8 | cpu | top-1 | 98.00 | 95.00 | 3.00 | 1.0 | ❌ FAIL |" in md
+    assert "| onnx-int8 | cpu | top-1 | 98.00 | 98.00 | 0.00 | 1.0 | ✅ pass |" in md
     text = summary.read_text()
     assert text.startswith("earlier step\n") and md in text
 
