@@ -1199,8 +1199,10 @@ def main_with(fn):
     sys.stdout.flush()
     json_fd = os.dup(1)
     os.dup2(2, 1)  # whatever runtimes print goes to stderr
-    if not os.environ.get("XDG_RUNTIME_DIR"):
-        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="edgepipe-xdg-")
+    if not os.environ.get("XDG_RUNTIME_DIR"):  # one private dir per user, reused (not one per run)
+        xdg = os.path.join(tempfile.gettempdir(), "edgepipe-xdg-%d" % (os.getuid() if hasattr(os, "getuid") else 0))
+        os.makedirs(xdg, mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = xdg
     code = 0
     try:
         out = fn()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,9 @@ from .base import RunOptions, Runtime, Session
 
 def _ensure_xdg_runtime_dir() -> None:
     if not os.environ.get("XDG_RUNTIME_DIR"):
-        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="edgepipe-xdg-")
+        from .host import agent_env
+
+        os.environ["XDG_RUNTIME_DIR"] = agent_env()["XDG_RUNTIME_DIR"]
 
 
 def tensorflow_clash() -> Optional[str]:
