@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import io
 import math
-import os
 import shutil
 import time
 from pathlib import Path

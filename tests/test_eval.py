@@ -3,7 +3,6 @@ exported to int8 TFLite / ONNX / Core ML and evaluated without TensorFlow in the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
