@@ -128,7 +128,7 @@ class RandomReader(Reader):
 
     def read(self, n, height, width, channels):
         rng = np.random.default_rng(self.seed)
-        return rng.uniform(0, 255, size=(n, height, width, channels)).astype(np.float32)
+        return rng.integers(0, 256, size=(n, height, width, channels)).astype(np.float32)  # whole pixel values, like decoded images
 
 
 def make_reader(data: Optional[str], calib: Optional[str], seed: int = 0) -> Optional[Reader]:

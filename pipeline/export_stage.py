@@ -158,7 +158,7 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
         vsource = calibration.source
     else:
         rng = np.random.default_rng(req.model.seed + 1)
-        vraw = rng.uniform(0, 255, size=(req.verify_samples, *src.input_shape[1:])).astype(np.float32)
+        vraw = rng.integers(0, 256, size=(req.verify_samples, *src.input_shape[1:])).astype(np.float32)
         vsource = "random"
     vdata = traced.preprocessing.apply(vraw).astype(np.float32)
     progress("stage", {"name": "reference outputs"})
