@@ -52,16 +52,20 @@ class LiteRTSession(Session):
         self.inputs = [_tensor_info(d) for d in self._in]
         self.outputs = [_tensor_info(d) for d in self._out]
         self.facts = {"runtime": self.module, "delegate": "xnnpack", "threads": options.threads}
+        # per-call work kept minimal: eval runs this once per image
+        self._in_slots = [[d["index"], tuple(d["shape"])] for d in self._in]
+        self._out_idx = [d["index"] for d in self._out]
 
     def run_native(self, inputs):
         it = self.interp
-        for d, x in zip(self._in, inputs):
-            if tuple(x.shape) != tuple(d["shape"]):
-                it.resize_tensor_input(d["index"], list(x.shape))
+        for slot, x in zip(self._in_slots, inputs):
+            if x.shape != slot[1]:
+                it.resize_tensor_input(slot[0], list(x.shape))
                 it.allocate_tensors()
-            it.set_tensor(d["index"], x)
+                slot[1] = tuple(x.shape)
+            it.set_tensor(slot[0], x)
         it.invoke()
-        return [it.get_tensor(d["index"]).copy() for d in self._out]
+        return [it.get_tensor(i) for i in self._out_idx]  # get_tensor already returns a copy
 
 
 class LiteRTCPU(Runtime):
