@@ -19,12 +19,42 @@ def _converter(traced):
     return tf.lite.TFLiteConverter.from_concrete_functions([traced.concrete], traced.model)
 
 
-def _representative(calibration):
+def _representative(batches):
     def gen():
-        for x in calibration.batches():
+        for x in batches:
             yield [x]
 
     return gen
+
+
+def configure(c, precision: str, batches, options: ExportOptions) -> dict:
+    """Set a TFLiteConverter up for a precision; returns what was used (for the manifest)."""
+    import tensorflow as tf
+
+    used: dict = {}
+    if precision == "fp16":
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.target_spec.supported_types = [tf.float16]
+    elif precision == "dynamic":
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif precision == "int8":
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = _representative(batches)
+        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io = options.int8_io
+        if io not in INT8_IO:
+            raise ValueError(f"int8_io must be one of {INT8_IO}")
+        if io != "float32":
+            c.inference_input_type = getattr(tf, io)
+            c.inference_output_type = getattr(tf, io)
+        used.update(io=io, per_channel=True, ops="TFLITE_BUILTINS_INT8")
+    elif precision == "int16x8":
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = _representative(batches)
+        c.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        used.update(io="float32", activations="int16", weights="int8")
+    return used
 
 
 def _key(precision: str, options: ExportOptions) -> str:
@@ -37,38 +67,11 @@ class TFLiteFormat(Format):
     precisions = ("fp32", "fp16", "dynamic", "int8", "int16x8")
 
     def convert(self, traced, precision, calibration, options: ExportOptions) -> tuple[bytes, dict]:
-        """Run the converter once for this precision; returns the flatbuffer and what was used.
-
-        The converter releases the GIL for most of its work, so the export stage runs these
-        in a background thread while ONNX and Core ML convert in the foreground.
-        """
-        import tensorflow as tf
-
+        """Run the converter once for this precision; returns the flatbuffer and what was used."""
         c = _converter(traced)
         used: dict = {"converter": "TFLiteConverter.from_saved_model" if traced.loaded.is_keras
                       else "TFLiteConverter.from_concrete_functions"}
-        if precision == "fp16":
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            c.target_spec.supported_types = [tf.float16]
-        elif precision == "dynamic":
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-        elif precision == "int8":
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            c.representative_dataset = _representative(calibration)
-            c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            io = options.int8_io
-            if io not in INT8_IO:
-                raise ValueError(f"int8_io must be one of {INT8_IO}")
-            if io != "float32":
-                c.inference_input_type = getattr(tf, io)
-                c.inference_output_type = getattr(tf, io)
-            used.update(io=io, per_channel=True, ops="TFLITE_BUILTINS_INT8")
-        elif precision == "int16x8":
-            c.optimizations = [tf.lite.Optimize.DEFAULT]
-            c.representative_dataset = _representative(calibration)
-            c.target_spec.supported_ops = [
-                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-            used.update(io="float32", activations="int16", weights="int8")
+        used.update(configure(c, precision, list(calibration.batches()) if calibration is not None else [], options))
         return c.convert(), used
 
     def prefetch(self, traced, precision, calibration, options: ExportOptions) -> str:

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         targets: Optional[str] = typer.Option(None, "--targets", help="Devices you will run on; with --int8, 'edgetpu' adds the Edge TPU artifact."),
         require_full_edgetpu: bool = typer.Option(False, "--require-full-edgetpu", help="Exit 1 when any op of an Edge TPU artifact would run on the CPU."),
         cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
-        parallel: bool = typer.Option(True, "--parallel/--serial", help="Convert TFLite in a background thread while the other formats convert."),
+        parallel: bool = typer.Option(True, "--parallel/--serial", help="Convert TFLite in a worker process while the other formats convert."),
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
         max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --int8: top-1 points an int8 artifact may lose on --eval-data; over it, recoveries are tried (see docs/ci.md)."),
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled set for --max-drop: a folder with one subfolder per class, or 'digits' (default with --calib digits)."),

@@ -37,7 +37,7 @@ class ExportRequest:
     options: object = None  # ExportOptions
     use_cache: bool = True
     skipped: list[dict] = field(default_factory=list)
-    parallel: bool = True  # TFLite conversions in a background thread
+    parallel: bool = True  # TFLite conversions in a worker process
 
     @property
     def folder(self) -> Path:
@@ -193,37 +193,34 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
 
 
 def _start_background(req, traced, calibration):
-    """Run the TFLite conversions in one background thread while the other formats convert
-    in the foreground (TFLite's converter releases the GIL; ONNX and Core ML mostly don't).
-    Returns the executor, or None when there is nothing to overlap."""
-    from edgepipe.export import CALIBRATED
+    """Run the TFLite conversions in a worker process while the other formats convert here.
+
+    Returns the worker, or None when there is nothing to overlap (then everything runs in
+    this process, in plan order)."""
     from edgepipe.export.tflite import TFLiteFormat
+    from edgepipe.export.tflite_worker import Pending, Worker
 
     tfl = [p for f, p in req.plan if f in ("tflite", "edgetpu")]
     others = [f for f, _ in req.plan if f not in ("tflite", "edgetpu")]
-    if not tfl or not others or not req.parallel or (os.cpu_count() or 1) < 2:
+    if not tfl or not others or not req.parallel or not traced.loaded.is_keras or (os.cpu_count() or 1) < 2:
         return None
-    from concurrent.futures import ThreadPoolExecutor
-
-    ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepipe-tflite")
     fmt = TFLiteFormat()
-    for p in dict.fromkeys("int8" if f == "edgetpu" else p for f, p in req.plan if f in ("tflite", "edgetpu")):
-        key = fmt.prefetch(traced, p, calibration, req.options)
-        if key not in traced.shared:
-            traced.shared[key] = ex.submit(fmt.convert, traced, p, calibration if p in CALIBRATED else None,
-                                           req.options)
-    return ex
+    precisions = list(dict.fromkeys("int8" if f == "edgetpu" else p for f, p in req.plan if f in ("tflite", "edgetpu")))
+    worker = Worker(traced.saved_model_dir(traced.scratch()), calibration, precisions, req.options, traced.scratch())
+    for p in precisions:
+        traced.shared.setdefault(fmt.prefetch(traced, p, calibration, req.options), Pending(worker, p))
+    return worker
 
 
 def _export_all(req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress) -> None:
-    ex = _start_background(req, traced, calibration)
-    # formats converting in the foreground first; the background ones are then mostly ready
-    order = sorted(req.plan, key=lambda fp: fp[0] in ("tflite", "edgetpu")) if ex else req.plan
+    worker = _start_background(req, traced, calibration)
+    # formats converting in this process first; the worker's are then mostly ready
+    order = sorted(req.plan, key=lambda fp: fp[0] in ("tflite", "edgetpu")) if worker else req.plan
     try:
         _export_each(order, req, traced, calibration, folder, manifest, vraw, vdata, reference, vsource, progress)
     finally:
-        if ex is not None:
-            ex.shutdown(wait=True, cancel_futures=True)
+        if worker is not None:
+            worker.close()
     manifest.artifacts.sort(key=lambda a: req.plan.index((a.format, a.precision)))
 
 
