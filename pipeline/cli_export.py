@@ -42,6 +42,7 @@ def register(app: typer.Typer) -> None:
         std: Optional[str] = typer.Option(None, "--std", help="Per-channel std override."),
         scale: Optional[float] = typer.Option(None, "--scale", help="Pixel scale override (applied before mean/std)."),
         labels: Optional[str] = typer.Option(None, "--labels", help="Text file with one class name per line."),
+        trust_model: bool = typer.Option(False, "--trust-model", help="Load Keras lambda layers (runs code from the model file)."),
         data: Optional[str] = typer.Option(None, "--data", help="Folder of calibration images (searched recursively)."),
         calib: Optional[str] = typer.Option(None, "--calib", help="Calibration source without --data: random | digits."),
         calib_samples: int = typer.Option(100, "--calib-samples", help="Number of calibration images."),
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"bad --verify-samples {verify_samples}", "Give a positive number")
         req_model = models.resolve(model, weights=weights, input_size=input_size, alpha=alpha, classes=classes,
                                    preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                                   scale=scale, seed=seed, labels_file=labels)
+                                   scale=scale, seed=seed, labels_file=labels, trust=trust_model)
         from edgepipe.devices.base import parse_targets
 
         fmts = _split(formats)
@@ -98,11 +99,15 @@ def register(app: typer.Typer) -> None:
         # SIGTERM unwinds like Ctrl-C, so temp files are removed and nothing half-written stays.
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         from .cli import debug_enabled
-        from .util import quiet_tensorflow, stdout_to_stderr
+        from .util import converter_chatter_to_log, quiet_tensorflow, stdout_to_stderr
 
-        if not debug_enabled():
+        debug = debug_enabled()
+        if not debug:
             quiet_tensorflow()
-        with _Progress(quiet=json_out) as prog, stdout_to_stderr():
+        # Converters and TensorFlow print freely on fds 1 and 2: without --debug that goes to
+        # OUT/<model>/export.log, so the terminal shows progress, the table and one-line errors.
+        with converter_chatter_to_log(req.folder / "export.log", enabled=not debug) as term, \
+                stdout_to_stderr(), _Progress(quiet=json_out, file=term) as prog:
             for s in skipped:
                 prog.note(f"skipped {s['format']} {s['precision']}: {s['reason']}")
             manifest = export_stage.run_export(req, prog)
@@ -126,10 +131,12 @@ def register(app: typer.Typer) -> None:
 class _Progress:
     """Rich progress on stderr for the export stages."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, file=None):
+        from rich.console import Console
+
         from .cli import console
 
-        self.console = console()
+        self.console = Console(file=file, highlight=False) if file is not None else console()
         self.quiet = quiet
         self.p = None
 

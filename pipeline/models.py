@@ -66,6 +66,7 @@ class ModelRequest:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     labels: Optional[list[str]] = None
     path: Optional[Path] = None
+    trust: bool = False  # allow Keras to deserialize Python lambdas (runs code from the file)
 
     @property
     def name(self) -> str:
@@ -115,6 +116,7 @@ def resolve(
     scale: Optional[float] = None,
     seed: int = DEFAULT_SEED,
     labels_file: Optional[str] = None,
+    trust: bool = False,
 ) -> ModelRequest:
     size = _parse_size(input_size)
     labels = _read_labels(labels_file) if labels_file else None
@@ -164,7 +166,7 @@ def resolve(
     if alpha is not None:
         raise UserError("--alpha applies to built-in models only", "Drop --alpha for a model file")
     pp = Preprocessing.from_mode(preprocess or "none", mean, std, scale)
-    return ModelRequest(str(p), kind, "file", size, None, None, seed, pp, labels, path=p.resolve())
+    return ModelRequest(str(p), kind, "file", size, None, None, seed, pp, labels, path=p.resolve(), trust=trust)
 
 
 def _read_labels(path: str) -> list[str]:
@@ -212,9 +214,13 @@ def load(req: ModelRequest) -> LoadedModel:
         return _finish(LoadedModel(src, model, req.preprocessing), req)
     if req.kind == "savedmodel":
         return _finish(_load_savedmodel(req), req)
+    _check_container(req)
     try:
-        model = keras.models.load_model(str(req.path), compile=False)
+        model = keras.models.load_model(str(req.path), compile=False, safe_mode=not req.trust)
     except Exception as e:
+        if "safe_mode" in str(e) and not req.trust:
+            raise UserError(f"{req.path.name} contains a Python lambda layer, which Keras will not load by default",
+                            "If you trust the file, pass --trust-model (loading it runs code from the file)") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = "Check the file; models with custom layers need them importable"
         if req.kind == "h5" and "model_config" in str(e):
@@ -235,6 +241,21 @@ def imagenet_labels() -> Optional[list[str]]:
         return [idx[str(i)][1] for i in range(1000)]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def _check_container(req: ModelRequest) -> None:
+    """Name the problem precisely when a model file is not even the right kind of file."""
+    import zipfile
+
+    p = req.path
+    if req.kind == "keras" and not zipfile.is_zipfile(p):
+        raise UserError(f"{p.name} is not a valid .keras file (not a zip archive)",
+                        "Re-save the model with model.save('model.keras'), or give the right file")
+    if req.kind == "h5":
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+        if head != b"\x89HDF\r\n\x1a\n":
+            raise UserError(f"{p.name} is not an HDF5 file", "Give a Keras .h5 model file, a .keras file or a SavedModel folder")
 
 
 def _build_builtin(keras, req: ModelRequest):

@@ -120,3 +120,44 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("GLOG_minloglevel", "3")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+@contextlib.contextmanager
+def converter_chatter_to_log(log_path: str | os.PathLike, enabled: bool = True) -> Iterator:
+    """Send everything written to fd 2 and sys.stderr (TensorFlow's C++ logs, converter
+    prints, Python warnings) to a log file for a while; yields a handle on the real terminal
+    for progress output. The log is moved to ``log_path`` if its folder exists by then."""
+    import sys
+    import tempfile
+
+    if not enabled:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    term = os.fdopen(os.dup(saved_fd), "w", buffering=1)
+    fd, tmp = tempfile.mkstemp(prefix="edgepipe-export-", suffix=".log")
+    log = os.fdopen(fd, "w", buffering=1)
+    saved = sys.stderr
+    os.dup2(log.fileno(), 2)
+    sys.stderr = log
+    try:
+        yield term
+    finally:
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        sys.stderr = saved
+        log.close()
+        term.close()
+        dest = Path(log_path)
+        try:
+            if dest.parent.is_dir():
+                shutil.move(tmp, dest)
+            else:
+                os.unlink(tmp)
+        except OSError:
+            pass

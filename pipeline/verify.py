@@ -34,7 +34,7 @@ PROB_FLOOR = 1.0 / 256
 # measure; it cannot on this one.
 THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"centered_cosine": 0.9999, "input_correlation": 0.999, "rel_max_abs": 0.01, "top1": 0.99},
-    "fp16": {"centered_cosine": 0.995, "input_correlation": 0.99, "rel_max_abs": 0.05, "top1": 0.9},
+    "fp16": {"centered_cosine": 0.995, "input_correlation": 0.99, "rel_max_abs": 0.1, "top1": 0.9},
     "dynamic": {"centered_cosine": 0.97, "input_correlation": 0.8, "top1": 0.8},
     "int16x8": {"centered_cosine": 0.97, "input_correlation": 0.8, "top1": 0.8},
     "palettized": {"centered_cosine": 0.93, "input_correlation": 0.7, "top1": 0.7},
