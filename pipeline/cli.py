@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in args:
         _state["debug"] = True
     try:
-        app(args=args, prog_name="edgepipe", standalone_mode=False)
-        return 0
+        # Without standalone mode typer *returns* the exit code of typer.Exit / Ctrl-C (130).
+        rv = app(args=args, prog_name="edgepipe", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+        if code == 130:
+            sys.stderr.write("edgepipe: interrupted\n")
     except EdgepipeError as e:
         if _state["debug"]:
             import traceback

@@ -1,7 +1,6 @@
 """`edgepipe export`: thin glue over pipeline.export_stage."""
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -96,8 +95,9 @@ def register(app: typer.Typer) -> None:
         export_stage.validate(req)
         from .recover import after_export, summarize as recovery_summary, validate_options  # --max-drop hook
         eval_spec = validate_options(max_drop, eval_data, data, calib, plan)
-        # SIGTERM unwinds like Ctrl-C, so temp files are removed and nothing half-written stays.
-        signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        from .util import unwind_on_sigterm
+
+        unwind_on_sigterm()
         from .cli import debug_enabled
         from .util import converter_chatter_to_log, quiet_tensorflow, stdout_to_stderr
 

@@ -161,3 +161,16 @@ def converter_chatter_to_log(log_path: str | os.PathLike, enabled: bool = True) 
                 os.unlink(tmp)
         except OSError:
             pass
+
+
+def _sigterm(*_):
+    raise KeyboardInterrupt()
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C (temp files removed, nothing half-written left)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
