@@ -932,8 +932,6 @@ def run_agent(args, opener=None):
     except Exception as e:  # noqa: BLE001
         info["placement"] = {"error": _one_line(e)}
     if args.save_outputs:
-        import numpy as np
-
         stage("save outputs")
         arrays = {}
         for s_i, feeds in enumerate(samples[:8]):

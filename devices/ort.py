@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from edgepipe.pipeline.manifest import TensorInfo
 
 from .base import RunOptions, Runtime, Session
@@ -53,7 +51,7 @@ class ORTCPU(Runtime):
 
     def available(self) -> Optional[str]:
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401  (is it importable?)
         except Exception as e:  # pragma: no cover
             return f"onnxruntime is not installed: pip install onnxruntime ({e})"
         return None

@@ -60,7 +60,6 @@ class CoreMLFormat(Format):
 
     def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
         _quiet()
-        import coremltools as ct
         import coremltools.optimize.coreml as cto
 
         used: dict = {"converter": "coremltools.convert(mlprogram)", "deployment_target": "iOS16"}

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .errors import UserError
 from .util import pkg_version, write_json_atomic

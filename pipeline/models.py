@@ -418,7 +418,6 @@ def temper_logits(model, pp: Preprocessing, seed: int, n: int = 8, target_std: f
     its softmax is one-hot and any rounding flips it, which says nothing about the
     converter. Real trained models sit at a few units. Returns the factor applied.
     """
-    import keras
     import numpy as np
 
     last = None

@@ -51,3 +51,12 @@ def tiny_keras_files(tmp_path_factory):
     m.save(d / "tiny.h5")
     m.export(str(d / "tiny_savedmodel"), verbose=False)
     return {"keras": d / "tiny.keras", "h5": d / "tiny.h5", "savedmodel": d / "tiny_savedmodel", "model": m}
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """A small export folder (TFLite fp32/int8, ONNX, Core ML, edge cases) shared by the
+    bench, GPU, report and remote-device tests; see bench_artifacts.py."""
+    from bench_artifacts import build_tiny_export
+
+    return build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")

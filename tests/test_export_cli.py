@@ -7,13 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from conftest import run_cli
-from edgepipe.pipeline.cli import main
 
 
 def _one_line_error(res, code=2):

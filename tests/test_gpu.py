@@ -8,13 +8,11 @@ process has imported TensorFlow to build the artifacts, and lavapipe cannot shar
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgepipe.devices import host
@@ -24,21 +22,6 @@ from edgepipe.devices.litert_gpu import LiteRTGPU
 pytestmark = pytest.mark.gpu
 AGENT = Path(__file__).resolve().parents[1] / "devices" / "agent.py"
 
-
-def _helpers():
-    name = "edgepipe_test_bench_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_bench.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    # same folder as test_bench.py's fixture: built once per session
-    return _helpers().build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ hand-written logs in test_benchmark_model.py.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -198,20 +197,6 @@ def adbd(tmp_path_factory):
         else:
             os.environ["ANDROID_ADB_SERVER_PORT"] = saved
 
-
-def _bench_helpers():
-    name = "_edgepipe_test_bench_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_bench.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory) -> Path:
-    return _bench_helpers().build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")
 
 
 @pytest.fixture()

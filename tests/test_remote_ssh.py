@@ -12,7 +12,6 @@ Every test checks that the remote temp dirs are gone afterwards. Nothing listens
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -100,21 +99,6 @@ def sshd(tmp_path_factory):
             proc.wait(10)
         log.close()
 
-
-def _bench_helpers():
-    name = "_edgepipe_test_bench_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_bench.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory) -> Path:
-    """The same tiny export test_bench.py builds (TFLite fp32/int8, ONNX, ...), shared across modules."""
-    return _bench_helpers().build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")
 
 
 @pytest.fixture()

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,20 +14,6 @@ from edgepipe.devices.bench import BenchReport, BenchSettings, run_bench, write_
 from edgepipe.devices.report import compare, render_html, render_markdown
 from edgepipe.pipeline.cli import main as cli_main
 
-
-def _helpers():
-    name = "edgepipe_test_bench_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("test_bench.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    return _helpers().build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")
 
 
 @pytest.fixture(scope="module")
