@@ -799,7 +799,7 @@ def load_inputs(backend, npz_path, max_samples=32):
             else:
                 raise AgentError("inputs file %s: samples of shape %s do not fit input '%s' %s"
                                  % (npz_path, list(a.shape[1:]), info["name"], want))
-        per_input.append(a[:max_samples])
+        per_input.append(a if max_samples is None else a[:max_samples])
     n = min(a.shape[0] for a in per_input)
     samples = []
     for i in range(n):
@@ -942,6 +942,47 @@ def run_agent(args, opener=None):
         info["saved_outputs"] = str(args.save_outputs)
     info["memory"] = memory_now()
     info["loadavg"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    backend.close()
+    info["status"] = "ok"
+    return info
+
+
+def run_predict(args):
+    """Predict mode (``--predict-out``): every sample of ``--inputs`` through the artifact, batch of 1;
+    the dequantized outputs go to an .npz (``output_0``... stacked over samples). For accuracy
+    evaluation on a device (`edgepipe eval --device`)."""
+    import numpy as np
+
+    if not args.inputs:
+        raise AgentError("--predict-out needs --inputs (an .npz of preprocessed samples)")
+    stage("load")
+    t0 = time.perf_counter()
+    backend = open_backend(args.artifact, args.format, args.target, args.threads, args.delegate, args.api)
+    info = {"agent_version": AGENT_VERSION, "mode": "predict", "artifact": str(args.artifact),
+            "format": args.format, "target": args.target, "python": platform.python_version(),
+            "load_ms": (time.perf_counter() - t0) * 1000.0,
+            "runtime": {"name": backend.runtime, "version": backend.version, "api": backend.api},
+            "threads": args.threads or None}
+    _crash_hook(args.artifact)
+    stage("inputs")
+    samples, _ = load_inputs(backend, args.inputs, max_samples=None)
+    stage("predict")
+    outs = [[] for _ in backend.outputs]
+    t1 = time.perf_counter()
+    for feeds in samples:
+        for o_i, y in enumerate(backend.run(feeds)):
+            outs[o_i].append(np.asarray(y))
+    info["predict_s"] = time.perf_counter() - t1
+    info["samples"] = len(samples)
+    arrays = {}
+    for o_i, (ys, o) in enumerate(zip(outs, backend.outputs)):
+        if ys:
+            arrays["output_%d" % o_i] = dequantize(np.concatenate(ys, axis=0), o)
+    tmp = args.predict_out + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, args.predict_out)
+    info["outputs"] = [{k: v for k, v in o.items() if k != "index"} for o in backend.outputs]
+    info["predict_out"] = str(args.predict_out)
     backend.close()
     info["status"] = "ok"
     return info
@@ -1184,6 +1225,7 @@ def parse_args(argv=None):
     p.add_argument("--api", choices=("interpreter", "compiled_model"), default=None,
                    help="TFLite on cpu: Interpreter (default) or CompiledModel")
     p.add_argument("--probe", metavar="TARGETS", help="report what this host can run (e.g. cpu,gpu,edgetpu)")
+    p.add_argument("--predict-out", help="predict mode: run every --inputs sample, write the outputs to this .npz")
     a = p.parse_args(argv)
     if not a.probe and (not a.artifact or not a.format):
         p.error("--artifact and --format are required (or --probe)")
@@ -1225,6 +1267,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.probe:
         return main_with(lambda: probe([t.strip() for t in args.probe.split(",") if t.strip()]))
+    if args.predict_out:
+        return main_with(lambda: run_predict(args))
     return main_with(lambda: run_agent(args))
 
 

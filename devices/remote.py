@@ -781,6 +781,62 @@ class RemoteRunner:
             row.wall_s = time.perf_counter() - t0
         return row
 
+    # -------------------------------------------------------------- predicting (edgepipe eval --device)
+    def predict_reason(self, fmt: str, target: str = "cpu") -> Optional[str]:
+        """Why this device cannot run ``fmt`` artifacts on ``target`` in predict mode, or None."""
+        if self.error is not None:
+            return None  # a connection failure is a failure, not a skip: predict() raises it
+        if getattr(self, "mode", None) == "benchmark_model":
+            return f"{self.name} runs benchmark_model (no Python + numpy there), which cannot return outputs"
+        if fmt not in ("tflite", "onnx"):
+            return f"{self.name} runs TFLite and ONNX artifacts; {fmt} artifacts are evaluated locally only"
+        p = ((self._probe or {}).get(target) or {}).get(fmt) or {}
+        if not p.get("available"):
+            return f"on {self.name}: {p.get('reason') or 'not available'}"
+        return None
+
+    def predict(self, path: Path, fmt: str, inputs: Path, target: str = "cpu", threads: int = 0,
+                timeout_s: float = 600.0) -> tuple[dict, dict]:
+        """Run every sample of ``inputs`` (.npz) through ``path`` with the agent's predict mode.
+        Returns ({output_i: array}, the agent's JSON). The temp dir is always removed. Raises
+        TransportError (connection, timeout, or the agent failing)."""
+        import numpy as np
+
+        if self.error is not None:
+            raise self.error
+        path, inputs = Path(path), Path(inputs)
+        d = None
+        try:
+            d = self.mktemp()
+            files = [AGENT, path, inputs]
+            self.t.push(files, d, _push_timeout(files, self.step_timeout))
+            argv = [self.device.python, AGENT.name, "--artifact", path.name, "--format", fmt, "--target", target,
+                    "--threads", str(int(threads or 0)), "--inputs", inputs.name, "--predict-out", "predictions.npz"]
+            res = self.t.shell(self.run_script(d, argv, timeout_s), timeout_s + self.step_timeout)
+            if res.rc is None:
+                raise self.t.failure(res, "the prediction run")
+            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+            try:
+                info = json.loads(lines[-1]) if lines else {}
+            except ValueError:
+                info = {}
+            if res.rc != 0 or info.get("status") != "ok":
+                why = info.get("error") or info.get("reason") or _tail(res.stderr, 2) or f"exit {res.rc}"
+                if res.rc in (124, 137) and not lines:
+                    why = f"timed out after {timeout_s:.0f} s (killed by the device's timeout)"
+                raise TransportError(f"the agent's predict mode failed on {self.name}: {why}", "error")
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="edgepipe-predict-") as td:
+                local = Path(td) / "predictions.npz"
+                self.t.pull(f"{d}/predictions.npz", local, self.step_timeout)
+                with np.load(local) as z:
+                    outs = {k: z[k] for k in z.files}
+            return outs, info
+        finally:
+            if d is not None:
+                self._rmdir(d)
+
     def _finish(self, row: BenchRow, res: ShellResult, s: BenchSettings) -> None:
         """Map the remote exit status onto the local runner's conventions, then let bench fill the row."""
         if res.rc is None:
@@ -898,3 +954,20 @@ def merge_reports(reports: list[BenchReport]) -> BenchReport:
         base.settings["threads"] = ", ".join(f"{k} {v}" for k, v in per.items())
     base.wall_s = sum(rep.wall_s or 0.0 for rep in reports)
     return base
+
+
+def predict_on_device(dev_name: str, artifact_path, fmt: str, inputs_npz, config: Optional[str] = None,
+                      target: str = "cpu", threads: int = 0, timeout_s: float = 600.0) -> np.ndarray:
+    """Outputs (N, ...) of the artifact's first output for every sample of ``inputs_npz``, computed on
+    the registered device ``dev_name`` (one session: connect, copy, run, copy back, clean up).
+    Raises UserError for an unknown device, TransportError when the device cannot do it."""
+    registry = Registry(config)
+    runner = make_runner(registry.get(dev_name), registry)
+    with runner:
+        if runner.error is not None:
+            raise runner.error
+        why = runner.predict_reason(fmt, target)
+        if why:
+            raise TransportError(why, "unsupported")
+        outs, _ = runner.predict(Path(artifact_path), fmt, Path(inputs_npz), target, threads, timeout_s)
+    return outs["output_0"]

@@ -19,6 +19,8 @@ def register(app: typer.Typer) -> None:
         source_model: Optional[str] = typer.Option(None, "--source-model", help="The exported model file, if it moved since the export."),
         artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Comma list of artifact ids (default: all)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads."),
+        device: Optional[str] = typer.Option(None, "--device", help="Evaluate the TFLite/ONNX artifacts on this registered ssh/adb device (its cpu) instead of here."),
+        config: Optional[str] = typer.Option(None, "--config", help="The device registry (default: $EDGEPIPE_CONFIG, else ~/.config/edgepipe/devices.json)."),
         json_out: bool = typer.Option(False, "--json", help="Print eval.json on stdout."),
     ):
         """Accuracy of the source model and every artifact on a labelled set; writes eval.json."""
@@ -27,6 +29,7 @@ def register(app: typer.Typer) -> None:
 
         req = EvalRequest(model_dir, data, targets=targets, limit=limit, min_samples=min_samples,
                           labels_map=labels_map, source_model=source_model, threads=threads,
+                          device=device, config=config,
                           artifacts=[a.strip() for a in artifacts.split(",") if a.strip()] if artifacts else None)
         validate(req)
         from .util import stdout_to_stderr
@@ -45,7 +48,7 @@ def register(app: typer.Typer) -> None:
             _print_eval(res)
         errors = [r for r in res["results"] if r["status"] == "error"]
         if errors:
-            lines = "; ".join(f"{r['artifact']} on {r.get('target') or '-'}: {r.get('reason')}" for r in errors[:4])
+            lines = "; ".join(f"{r['artifact']} on {_where(r)}: {r.get('reason')}" for r in errors[:4])
             raise StageFailure(f"{len(errors)} evaluation(s) failed ({lines})", "The others were written to eval.json")
 
     @app.command("check", no_args_is_help=True)
@@ -104,6 +107,12 @@ class _Progress:
             self.status.stop()
 
 
+def _where(r: dict) -> str:
+    """target, or target@device for rows evaluated on a remote device."""
+    t = r.get("target") or "-"
+    return f"{t}@{r['device']}" if r.get("device") not in (None, "local") else t
+
+
 def _print_eval(res: dict) -> None:
     from rich.table import Table
 
@@ -119,16 +128,16 @@ def _print_eval(res: dict) -> None:
     t.add_row("source model", "-", f(src["top1"]), f(src["top5"]), "100.00", "-", "-", "-")
     for r in res["results"]:
         if r["status"] == "ok":
-            t.add_row(r["artifact"], r["target"], f(r["top1"]), f(r["top5"]), f(r["agreement"]),
+            t.add_row(r["artifact"], _where(r), f(r["top1"]), f(r["top5"]), f(r["agreement"]),
                       f(r["drop"]["top1"]), f"{r['lost']}/{r['gained']}", f(r.get("images_per_s"), 0))
         else:
             color = "yellow" if r["status"] == "skipped" else "red"
-            t.add_row(r["artifact"], r.get("target") or "-", f"[{color}]{r['status']}[/]", "", "", "", "", "")
+            t.add_row(r["artifact"], _where(r), f"[{color}]{r['status']}[/]", "", "", "", "", "")
     c.print(t)
     for r in res["results"]:
         if r["status"] != "ok":
             c.print(f"[{'yellow' if r['status'] == 'skipped' else 'red'}]{r['artifact']} "
-                    f"{r.get('target') or ''}[/]: {r.get('reason')}")
+                    f"{_where(r)}[/]: {r.get('reason')}")
     if ds.get("skipped"):
         c.print(f"[yellow]note:[/] {ds['skipped']} images failed to decode and were skipped")
     pred = src.get("predictions", {})

@@ -66,6 +66,8 @@ class EvalRequest:
     threads: Optional[int] = None
     seed: int = 0
     artifacts: Optional[Sequence[str]] = None  # artifact ids; default all
+    device: Optional[str] = None  # a registered remote device (devices/remote.py); None/"local": here
+    config: Optional[str] = None  # the device registry (default: $EDGEPIPE_CONFIG or ~/.config/edgepipe)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -328,15 +330,45 @@ def evaluate_file(path: Path, fmt: str, runtime, ds: LabelledSet, data: np.ndarr
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         status = "skipped" if isinstance(e, UnsupportedArtifact) else "error"
         return {**row, "status": status, "reason": f"{type(e).__name__}: {first}"}
+    return metrics_row(row, out, ds, source, source_pred, num_classes, t1 - t0, secs, facts)
+
+
+def metrics_row(row: dict, out: np.ndarray, ds: LabelledSet, source: dict, source_pred: np.ndarray,
+                num_classes: int, load_s: float, secs: float, facts: dict) -> dict:
+    """An artifact's (N, K) outputs -> its result row (metrics, drops vs the source)."""
     if out.shape != (ds.n, num_classes):
         return {**row, "status": "error",
                 "reason": f"artifact outputs {out.shape[1:]} per image, the source model {num_classes} classes"}
     met = classification_metrics(out, ds.labels, source_pred)
     return {**row, "status": "ok", **{k: met[k] for k in ("top1", "top5", "agreement")},
             "drop": drops(source, met), "correct": met["correct"], "lost": met["lost"], "gained": met["gained"],
-            "non_finite": met.get("non_finite", 0), "samples": ds.n, "load_s": round(t1 - t0, 4),
+            "non_finite": met.get("non_finite", 0), "samples": ds.n, "load_s": round(load_s, 4),
             "seconds": round(secs, 4), "images_per_s": round(ds.n / secs, 1) if secs > 0 else None,
             "facts": facts}
+
+
+def evaluate_on_device(runner, path: Path, fmt: str, ds: LabelledSet, inputs_npz: Path, source: dict,
+                       source_pred: np.ndarray, num_classes: int, threads: Optional[int] = None) -> dict:
+    """One artifact on a remote device (target cpu there) through the agent's predict mode."""
+    from edgepipe.devices.remote import TransportError, _runtime_name
+
+    row = {"target": "cpu", "runtime": _runtime_name(fmt, "cpu") if fmt in ("tflite", "onnx") else None}
+    why = runner.predict_reason(fmt, "cpu")
+    if why:
+        return {**row, "status": "skipped", "reason": why}
+    try:
+        outs, info = runner.predict(path, fmt, inputs_npz, "cpu", threads or 0)
+    except TransportError as e:
+        return {**row, "status": "error", "reason": e.one_line()}
+    ys = [np.asarray(outs[k], np.float32) for k in sorted(outs, key=lambda k: int(k.rsplit("_", 1)[-1]))]
+    if not ys:
+        return {**row, "status": "error", "reason": f"the agent on {runner.name} returned no outputs"}
+    out = ys[pick_output([y.reshape(ds.n, -1) for y in ys], num_classes)].reshape(ds.n, -1)
+    rt = info.get("runtime") or {}
+    facts = {"device_runtime": rt.get("name"), "runtime_version": rt.get("version"), "python": info.get("python"),
+             "threads": info.get("threads")}
+    return metrics_row(row, out, ds, source, source_pred, num_classes, float(info.get("load_ms") or 0) / 1000.0,
+                       float(info.get("predict_s") or 0.0), facts)
 
 
 def _runtimes(fmt: str, targets: Sequence[str]) -> list:
@@ -366,6 +398,14 @@ def validate(req: EvalRequest) -> tuple[Manifest, Path, list[str], bool]:
     if req.artifacts:
         for a in req.artifacts:
             m.artifact(a)  # raises UserError for unknown ids
+    if req.device and req.device != "local":
+        from edgepipe.devices.remote import Registry
+
+        Registry(req.config).get(req.device)  # UserError naming the registry when unknown
+        if explicit and targets != ["cpu"]:
+            raise UserError(f"--device {req.device} evaluates on the device's cpu; --targets {','.join(targets)} "
+                            f"cannot be combined with it", "Leave --targets out (or use --targets cpu)")
+        targets, explicit = ["cpu"], True
     return m, folder, targets, explicit
 
 
@@ -394,9 +434,16 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
     arts = [a for a in m.artifacts if not req.artifacts or a.id in req.artifacts]
     results = []
     progress("artifacts", {"total": len(arts)})
-    for a in arts:
-        progress("artifact", {"id": a.id})
-        results.extend(_evaluate_artifact(a, folder, targets, explicit, ds, data, source, src_pred, k, req.threads))
+    device = req.device if req.device and req.device != "local" else None
+    if device is None:
+        for a in arts:
+            progress("artifact", {"id": a.id})
+            results.extend(_evaluate_artifact(a, folder, targets, explicit, ds, data, source, src_pred, k,
+                                              req.threads))
+    else:
+        results = _evaluate_remote(req, device, arts, folder, ds, data, source, src_pred, k, progress)
+    for r in results:
+        r.setdefault("device", device or "local")
     out = {
         "schema_version": EVAL_SCHEMA_VERSION,
         "kind": "edgepipe-eval",
@@ -405,6 +452,7 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
         "model": src.name,
         "manifest": "manifest.json",
         "targets": targets,
+        "device": device or "local",
         "unit": "percent",
         "dataset": ds.describe(),
         "source": source,
@@ -414,6 +462,50 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
     }
     write_json_atomic(folder / EVAL_NAME, out)
     return out
+
+
+def _evaluate_remote(req: EvalRequest, device: str, arts, folder: Path, ds, data, source, src_pred, k,
+                     progress: Progress) -> list[dict]:
+    """Every artifact on one registered device, in one session (the inputs are written once)."""
+    from edgepipe.devices.remote import Registry, make_runner
+
+    registry = Registry(req.config)
+    runner = make_runner(registry.get(device), registry)
+    results = []
+    progress("stage", {"name": f"connecting to {device}"})
+    with tempfile.TemporaryDirectory(prefix="edgepipe-eval-") as td, runner:
+        inputs = Path(td) / "eval_inputs.npz"
+        np.savez(inputs, inputs=np.asarray(data, np.float32))
+        for a in arts:
+            progress("artifact", {"id": f"{a.id} on {device}"})
+            base, path, err = _artifact_file(a, folder)
+            if err:
+                results.append({**base, **err, "device": device})
+                continue
+            if runner.error is not None:
+                results.append({**base, "target": "cpu", "runtime": None, "status": "error", "device": device,
+                                "reason": f"{device}: {runner.error.one_line()}"})
+                continue
+            results.append({**base, **evaluate_on_device(runner, path, a.format, ds, inputs, source, src_pred, k,
+                                                         req.threads), "device": device})
+    return results
+
+
+def _artifact_file(a: Artifact, folder: Path) -> tuple[dict, Optional[Path], Optional[dict]]:
+    """(row base, the artifact's path, an error row when the file cannot be evaluated)."""
+    base = {"artifact": a.id, "format": a.format, "precision": a.precision, "sha256": a.sha256,
+            "verification": a.verification.status}
+    if not a.path:
+        return base, None, {"target": None, "runtime": None, "status": "error",
+                            "reason": f"export failed: {a.error or a.status}"}
+    path = folder / a.path
+    if not path.exists():
+        return base, None, {"target": None, "runtime": None, "status": "error",
+                            "reason": f"artifact file {a.path} is missing"}
+    if a.sha256 and sha256_file(path) != a.sha256:
+        return base, None, {"target": None, "runtime": None, "status": "error",
+                            "reason": f"{a.path} changed since the export (sha256 differs from the manifest's)"}
+    return base, path, None
 
 
 def _evaluate_artifact(a: Artifact, folder: Path, targets, explicit, ds, data, source, src_pred, k, threads) -> list[dict]:

@@ -149,6 +149,12 @@ def parse_metrics(spec: Optional[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the gate
+def _target(r: dict) -> Optional[str]:
+    """An eval row's target; ``target@device`` for rows evaluated on a remote device."""
+    t = r.get("target")
+    return f"{t or '-'}@{r['device']}" if r.get("device") not in (None, "local") else t
+
+
 def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
     m, folder = load_manifest(model_dir)
     ev, ev_path = load_eval(folder)
@@ -165,11 +171,11 @@ def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
             continue
         for r in by_art.get(a.id, []):
             if r["status"] == "skipped":
-                rows.append(CheckRow(a.id, a.format, a.precision, "eval", r.get("target"), r.get("runtime"),
+                rows.append(CheckRow(a.id, a.format, a.precision, "eval", _target(r), r.get("runtime"),
                                      status="skipped", reason=r.get("reason")))
                 continue
             if r["status"] != "ok":
-                rows.append(CheckRow(a.id, a.format, a.precision, "eval", r.get("target"), r.get("runtime"),
+                rows.append(CheckRow(a.id, a.format, a.precision, "eval", _target(r), r.get("runtime"),
                                      status="fail", reason=f"evaluation failed: {r.get('reason')}"))
                 continue
             for b in config.budgets:
@@ -179,7 +185,7 @@ def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
                 ok = drop <= budget + EPS
                 reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {_pts(budget)} points"
                                           f" ({r.get('lost', 0)} images lost, {r.get('gained', 0)} gained)")
-                rows.append(CheckRow(a.id, a.format, a.precision, b.metric, r.get("target"), r.get("runtime"),
+                rows.append(CheckRow(a.id, a.format, a.precision, b.metric, _target(r), r.get("runtime"),
                                      src_v, r[b.metric], drop, budget, origin, "pass" if ok else "fail", reason))
         if config.require_verified:
             v = a.verification
