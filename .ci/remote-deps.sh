@@ -35,24 +35,8 @@ codename="${VERSION_CODENAME:-}"
 
 backports=""
 if [ "${ID:-}" = debian ] && [ "$codename" = bookworm ]; then
-  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null; then
-    uri="$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -n1 || true)"
-    if [ -z "$uri" ]; then
-      uri="$(grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-             | grep ' bookworm ' | grep -v security | awk '{ for (i=2;i<=NF;i++) if ($i !~ /^\[/) { print $i; exit } }' | head -n1 || true)"
-    fi
-    if [ -z "$uri" ]; then
-      log "cannot find the Debian mirror in the apt sources; add bookworm-backports yourself"
-      exit 1
-    fi
-    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    if [ -f "$keyring" ]; then
-      echo "deb [signed-by=$keyring] $uri bookworm-backports main" > /etc/apt/sources.list.d/backports.list
-    else
-      echo "deb $uri bookworm-backports main" > /etc/apt/sources.list.d/backports.list
-    fi
-    log "added bookworm-backports"
-  fi
+  . "$(dirname "$0")/backports.sh"
+  add_bookworm_backports || exit 1
   backports="-t bookworm-backports"
 fi
 

@@ -33,26 +33,8 @@ codename="${VERSION_CODENAME:-}"
 export DEBIAN_FRONTEND=noninteractive
 
 if [ "${ID:-}" = debian ] && [ "$codename" = bookworm ]; then
-  list=/etc/apt/sources.list.d/backports.list
-  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null; then
-    # First Debian (non-security) URI the machine already uses, from deb822 or one-line sources.
-    uri="$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -n1 || true)"
-    if [ -z "$uri" ]; then
-      uri="$(grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-             | grep ' bookworm ' | grep -v security | awk '{ for (i=2;i<=NF;i++) if ($i !~ /^\[/) { print $i; exit } }' | head -n1 || true)"
-    fi
-    if [ -z "$uri" ]; then
-      log "cannot find the Debian mirror in the apt sources; add bookworm-backports yourself"
-      exit 1
-    fi
-    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    if [ -f "$keyring" ]; then
-      echo "deb [signed-by=$keyring] $uri bookworm-backports main" > "$list"
-    else
-      echo "deb $uri bookworm-backports main" > "$list"
-    fi
-    log "added $list"
-  fi
+  . "$(dirname "$0")/backports.sh"
+  add_bookworm_backports || exit 1
   apt-get update -qq
   apt-get install -y -qq -t bookworm-backports mesa-vulkan-drivers libvulkan1 >/dev/null
 else

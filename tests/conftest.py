@@ -60,3 +60,23 @@ def tiny_export(tmp_path_factory) -> Path:
     from bench_artifacts import build_tiny_export
 
     return build_tiny_export(tmp_path_factory.getbasetemp() / "bench-tiny-export")
+
+
+@pytest.fixture()
+def reg(tmp_path, monkeypatch):
+    """A private device registry (and so a private known_hosts) per test; the CLI finds it
+    through $EDGEPIPE_CONFIG."""
+    from edgepipe.devices.remote import Registry
+
+    p = tmp_path / "cfg" / "devices.json"
+    monkeypatch.setenv("EDGEPIPE_CONFIG", str(p))
+    monkeypatch.delenv("EDGEPIPE_AGENT_CRASH", raising=False)
+    return Registry(p)
+
+
+@pytest.fixture()
+def remote_tmp(tmp_path) -> Path:
+    """A remote device's --tmpdir: tests check it is empty afterwards (temp dirs always removed)."""
+    d = tmp_path / "device-tmp"
+    d.mkdir()
+    return d

@@ -196,17 +196,20 @@ def test_one_failing_format_does_not_stop_the_others(tmp_path):
 
 def test_killed_export_leaves_no_partial_file(tmp_path):
     out = tmp_path / "o"
+    log = open(tmp_path / "export.out", "w")  # a file, not a pipe nobody reads (it could fill and block)
     p = subprocess.Popen([sys.executable, "-m", "edgepipe.pipeline", "export", "vgg16", "--weights", "none",
                           "--input-size", "32", "--formats", "onnx,tflite", "--precisions", "fp32,fp16",
-                          "--out", str(out), "--no-cache"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          "--out", str(out), "--no-cache"], stdout=log, stderr=subprocess.STDOUT)
     folder = out / "vgg16"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(folder.glob(".tmp-*")):
-        time.sleep(0.05)
-    assert list(folder.glob(".tmp-*")), "conversion never started"
+    while time.time() < deadline and p.poll() is None and not list(folder.glob(".tmp-*")):
+        time.sleep(0.01)
+    assert list(folder.glob(".tmp-*")), f"conversion never started: {(tmp_path / 'export.out').read_text()[-2000:]}"
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=120)
-    assert p.returncode != 0
+    log.close()
+    assert p.returncode == 130, (tmp_path / "export.out").read_text()[-2000:]
+    assert "interrupted" in (tmp_path / "export.out").read_text()
     assert not list(folder.glob(".tmp-*"))
     if (folder / "manifest.json").exists():
         m = json.loads((folder / "manifest.json").read_text())

@@ -200,21 +200,6 @@ def adbd(tmp_path_factory):
 
 
 @pytest.fixture()
-def reg(tmp_path, monkeypatch) -> Registry:
-    p = tmp_path / "cfg" / "devices.json"
-    monkeypatch.setenv("EDGEPIPE_CONFIG", str(p))
-    monkeypatch.delenv("EDGEPIPE_AGENT_CRASH", raising=False)
-    return Registry(p)
-
-
-@pytest.fixture()
-def remote_tmp(tmp_path) -> Path:
-    d = tmp_path / "device-tmp"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture()
 def standin(tmp_path) -> Path:
     p = tmp_path / "benchmark_model"
     p.write_text(f"#!{sys.executable}\n" + _STANDIN)

@@ -101,23 +101,6 @@ def sshd(tmp_path_factory):
 
 
 
-@pytest.fixture()
-def reg(tmp_path, monkeypatch) -> Registry:
-    """A private registry (and so a private known_hosts) per test; the CLI finds it through $EDGEPIPE_CONFIG."""
-    p = tmp_path / "cfg" / "devices.json"
-    monkeypatch.setenv("EDGEPIPE_CONFIG", str(p))
-    monkeypatch.delenv("EDGEPIPE_AGENT_CRASH", raising=False)
-    return Registry(p)
-
-
-@pytest.fixture()
-def remote_tmp(tmp_path) -> Path:
-    """The device's --tmpdir: every test checks it is empty afterwards (temp dirs always removed)."""
-    d = tmp_path / "device-tmp"
-    d.mkdir()
-    return d
-
-
 def add(reg: Registry, name: str, url: str, **kw):
     kw.setdefault("python", sys.executable)
     kw.setdefault("accept_new_host_key", True)
