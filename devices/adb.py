@@ -275,11 +275,7 @@ class ADBRunner(RemoteRunner):
             row.status, row.reason = "failed", f"{self.name}: {e.one_line()}"
             row.latency_ms = {}
         finally:
-            if d is not None:
-                why = self._rmdir(d)
-                if why:
-                    row.notes.append(f"temp dir left on the device: {why}")
-            row.wall_s = time.perf_counter() - t0
+            self._close_row(row, d, t0)
         return row
 
     def _finish_bm(self, row: BenchRow, res: ShellResult, s: BenchSettings) -> None:

@@ -578,6 +578,14 @@ class RemoteRunner:
         self._dirs.add(d)
         return d
 
+    def _close_row(self, row: BenchRow, d: Optional[str], t0: float) -> None:
+        """End of every measured row: remove its temp dir (noting a failure) and stamp its wall time."""
+        if d is not None:
+            why = self._rmdir(d)
+            if why:
+                row.notes.append(f"temp dir left on the device: {why}")
+        row.wall_s = time.perf_counter() - t0
+
     def _rmdir(self, d: str) -> Optional[str]:
         """Remove a temp dir this session made; returns a reason when it could not."""
         if not _REMOTE_DIR.match(d):  # never rm -rf anything but our own mktemp dirs
@@ -774,11 +782,7 @@ class RemoteRunner:
             row.status, row.reason = "failed", f"{self.name}: {e.one_line()}"
             row.latency_ms, row.samples_ms = {}, []
         finally:
-            if d is not None:
-                why = self._rmdir(d)
-                if why:
-                    row.notes.append(f"temp dir left on the device: {why}")
-            row.wall_s = time.perf_counter() - t0
+            self._close_row(row, d, t0)
         return row
 
     # -------------------------------------------------------------- predicting (edgepipe eval --device)

@@ -80,3 +80,8 @@ def remote_tmp(tmp_path) -> Path:
     d = tmp_path / "device-tmp"
     d.mkdir()
     return d
+
+
+def rows_by(report, device=None) -> dict:
+    """A bench report's rows keyed by (artifact, target), optionally for one device."""
+    return {(r.artifact, r.target): r for r in report.rows if device is None or r.device == device}

@@ -215,8 +215,7 @@ def add(reg: Registry, name: str, url: str, **kw):
     return dev
 
 
-def rows_by(report, device=None) -> dict:
-    return {(r.artifact, r.target): r for r in report.rows if device is None or r.device == device}
+from conftest import rows_by  # noqa: E402
 
 
 def only_bin_left(remote_tmp: Path) -> list[str]:
