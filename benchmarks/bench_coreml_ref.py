@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
         import numpy as np
 
-        from edgepipe.devices.coreml_ref import load_program
+        from edgepipe.devices.runtimes.coreml_ref import load_program
 
         t0 = time.perf_counter()
         model = load_program(path)

@@ -103,11 +103,11 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "edgepipe.pipeline", "eval", str(folder), "--data", args.data,
                     "--targets", "cpu", "--json"], check=True, capture_output=True)
 
-    from edgepipe.devices.base import runtimes_for
+    from edgepipe.devices.runtimes.base import runtimes_for
     from edgepipe.pipeline.datasets import load_labelled
     from edgepipe.pipeline.evaluate import classification_metrics, evaluate_file, source_predictions
-    from edgepipe.pipeline.manifest import load_manifest
-    from edgepipe.pipeline.preprocessing import Preprocessing
+    from edgepipe.pipeline.base.manifest import load_manifest
+    from edgepipe.pipeline.base.preprocessing import Preprocessing
 
     m, folder = load_manifest(folder)
     src = m.model

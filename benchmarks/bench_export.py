@@ -29,7 +29,7 @@ import tensorflow as tf, keras, tf2onnx, onnx, coremltools as ct
 import coremltools.optimize.coreml as cto
 from onnxruntime.quantization import quantize_static, QuantFormat, QuantType, CalibrationMethod
 from edgepipe.pipeline.calibration import DigitsReader, calibrate
-from edgepipe.pipeline.preprocessing import Preprocessing
+from edgepipe.pipeline.base.preprocessing import Preprocessing
 t["imports"] = time.perf_counter() - t0
 out, size = sys.argv[1], int(sys.argv[2])
 t0 = time.perf_counter()

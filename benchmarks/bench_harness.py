@@ -31,7 +31,7 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-AGENT = REPO / "devices" / "agent.py"
+AGENT = REPO / "devices" / "onboard" / "agent.py"
 
 
 def export_mobilenet(folder: Path, size: int, alpha: float) -> Path:
@@ -39,8 +39,8 @@ def export_mobilenet(folder: Path, size: int, alpha: float) -> Path:
     code = textwrap.dedent(f"""
         import keras, tensorflow as tf
         from pathlib import Path
-        from edgepipe.pipeline.manifest import Manifest, SourceModel, Artifact
-        from edgepipe.pipeline.util import sha256_file
+        from edgepipe.pipeline.base.manifest import Manifest, SourceModel, Artifact
+        from edgepipe.pipeline.base.util import sha256_file
         keras.utils.set_random_seed(0)
         inp = keras.Input(batch_shape=(1, {size}, {size}, 3))
         m = keras.applications.MobileNet(input_tensor=inp, weights=None, alpha={alpha})
@@ -59,7 +59,7 @@ def export_mobilenet(folder: Path, size: int, alpha: float) -> Path:
 
 def run_edgepipe_bench(folder: Path, threads: int, runs: int, warmup: int) -> dict:
     out = folder / "bench-out"
-    r = subprocess.run([sys.executable, "-m", "edgepipe.pipeline.cli", "bench", str(folder), "--targets", "cpu",
+    r = subprocess.run([sys.executable, "-m", "edgepipe.pipeline", "bench", str(folder), "--targets", "cpu",
                         "--threads", str(threads), "--runs", str(runs), "--min-seconds", "0", "--warmup", str(warmup),
                         "--out", str(out), "--json"], capture_output=True, text=True)
     if r.returncode != 0:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import CALIBRATED, PRECISIONS, ExportOptions, ExportResult, Format
+from edgepipe.export.base import CALIBRATED, PRECISIONS, ExportOptions, ExportResult, Format
 
 # One line per format module.
 FORMAT_MODULES = ["tflite", "onnx", "coreml", "edgetpu"]
@@ -16,7 +16,7 @@ def formats() -> dict[str, type[Format]]:
 
 
 def get_format(name: str) -> Format:
-    from edgepipe.pipeline.errors import UserError
+    from edgepipe.pipeline.base.errors import UserError
 
     fm = formats()
     if name not in fm:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from edgepipe.pipeline.manifest import TensorInfo
+from edgepipe.pipeline.base.manifest import TensorInfo
 
 # Every precision edgepipe knows, in the order they are listed/exported.
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int16x8", "palettized")

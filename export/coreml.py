@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from .base import ExportOptions, ExportResult, Format
+from edgepipe.export.base import ExportOptions, ExportResult, Format
 
-from edgepipe.pipeline.manifest import TensorInfo
+from edgepipe.pipeline.base.manifest import TensorInfo
 
 
 def _quiet():

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .base import ExportOptions, ExportResult, Format
+from edgepipe.export.base import ExportOptions, ExportResult, Format
 
 SUFFIX = "_edgetpu.tflite"
 
@@ -45,10 +45,12 @@ class EdgeTPUFormat(Format):
     default_precision = "int8"
 
     def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
-        from edgepipe.devices import edgetpu as et
-        from edgepipe.pipeline.errors import ConversionError
+        from edgepipe.devices.graph.edgetpu import analyze_tflite
 
-        from .tflite import TFLiteFormat
+        from . import edgetpu_compiler as et
+        from edgepipe.pipeline.base.errors import ConversionError
+
+        from edgepipe.export.tflite import TFLiteFormat
 
         if precision != "int8":
             raise ValueError(f"the Edge TPU format exports int8 only, not {precision}")
@@ -58,7 +60,7 @@ class EdgeTPUFormat(Format):
         try:
             int8_path = work / f"{stem}.tflite"
             base = TFLiteFormat().export(traced, "int8", calibration, int8_path, options)
-            prediction = et.analyze_tflite(int8_path)
+            prediction = analyze_tflite(int8_path).to_dict()
             compiler = options.extra.get("edgetpu_compiler", "edgetpu_compiler")
             exe = et.find_compiler(compiler)
             used = {**base.options, "edgetpu_compiler": exe}

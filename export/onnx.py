@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import ExportOptions, ExportResult, Format
+from edgepipe.export.base import ExportOptions, ExportResult, Format
 
 ONNX_INT8_MODES = ("u8s8-reduce-range", "u8u8", "u8s8", "s8s8")
 
@@ -82,7 +82,7 @@ class ONNXFormat(Format):
     def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
         import onnx
 
-        from edgepipe.devices.ort import ORTCPU
+        from edgepipe.devices.runtimes.ort import ORTCPU
 
         used: dict = {"converter": "tf2onnx.convert.from_function", "opset": options.onnx_opset}
         if precision == "fp32":

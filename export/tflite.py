@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import ExportOptions, ExportResult, Format
+from edgepipe.export.base import ExportOptions, ExportResult, Format
 
 INT8_IO = ("int8", "uint8", "float32")
 
@@ -79,7 +79,7 @@ class TFLiteFormat(Format):
         return _key(precision, options)
 
     def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
-        from edgepipe.devices.litert import tflite_io
+        from edgepipe.devices.runtimes.litert import tflite_io
 
         key = _key(precision, options)
         got = traced.shared.get(key)

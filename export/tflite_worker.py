@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgepipe.pipeline.errors import ConversionError
+from edgepipe.pipeline.base.errors import ConversionError
 
 
 def main(spec_path: str) -> int:
@@ -28,8 +28,8 @@ def main(spec_path: str) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from .base import ExportOptions
-    from .tflite import configure
+    from edgepipe.export.base import ExportOptions
+    from edgepipe.export.tflite import configure
 
     out = Path(spec["out"])
     data = np.load(spec["calibration"]) if spec.get("calibration") else None

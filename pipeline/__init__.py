@@ -1,9 +1,34 @@
-"""edgepipe's stages. The few names most users need, importable without TensorFlow:
+"""edgepipe's stages and library API. The names most users need, importable without TensorFlow:
 
     from edgepipe.pipeline import compare, load_manifest, Manifest
-"""
-from .errors import EdgepipeError, GateFailure, UserError
-from .manifest import Artifact, Manifest, load_manifest
-from .verify import compare
 
-__all__ = ["Artifact", "EdgepipeError", "GateFailure", "Manifest", "UserError", "compare", "load_manifest"]
+Names are resolved lazily (PEP 562), so that importing the base layer
+(``edgepipe.pipeline.base``), which every package builds on, never imports the stages.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "EdgepipeError": "edgepipe.pipeline.base.errors",
+    "GateFailure": "edgepipe.pipeline.base.errors",
+    "UserError": "edgepipe.pipeline.base.errors",
+    "Artifact": "edgepipe.pipeline.base.manifest",
+    "Manifest": "edgepipe.pipeline.base.manifest",
+    "load_manifest": "edgepipe.pipeline.base.manifest",
+    "compare": "edgepipe.pipeline.verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'edgepipe.pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

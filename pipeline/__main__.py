@@ -1,4 +1,4 @@
 """`python -m edgepipe.pipeline` is the `edgepipe` command."""
-from edgepipe.pipeline.cli import main
+from edgepipe.pipeline.cli.main import main
 
 main()

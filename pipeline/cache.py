@@ -8,13 +8,14 @@ versions and edgepipe's own source. Location: $EDGEPIPE_CACHE_DIR or ~/.cache/ed
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from .util import atomic_path, converter_versions
+from edgepipe.pipeline.base.util import atomic_path, converter_versions
 
 
 def cache_root() -> Path:
@@ -25,16 +26,12 @@ def cache_root() -> Path:
 
 
 def _code_hash() -> str:
+    """Hash of edgepipe's own source (every package it installs), so a code change invalidates the cache."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
-    for pkg in ("pipeline", "export"):
-        d = Path(__file__).resolve().parent if pkg == "pipeline" else root / pkg
-        if not d.is_dir():  # installed (non-editable) layout
-            import importlib
-
-            d = Path(importlib.import_module(f"edgepipe.{pkg}").__file__).parent
-        for f in sorted(d.glob("*.py")):
-            h.update(f.name.encode())
+    for pkg in ("edgepipe.pipeline", "edgepipe.export", "edgepipe.devices"):
+        d = Path(importlib.util.find_spec(pkg).origin).parent
+        for f in sorted(d.rglob("*.py")):
+            h.update(str(f.relative_to(d)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -11,9 +11,9 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
-from .errors import UserError
-from .preprocessing import Preprocessing, to_channels
-from .types import Calibration
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.preprocessing import Preprocessing, to_channels
+from edgepipe.pipeline.base.records import Calibration
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -115,7 +115,7 @@ class DigitsReader(Reader):
         from PIL import Image
         from sklearn.datasets import load_digits
 
-        from .datasets import digit_pixels, digits_split
+        from edgepipe.pipeline.datasets import digit_pixels, digits_split
 
         d = load_digits()
         train, _ = digits_split()

@@ -34,9 +34,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .calibration import list_images, load_image
-from .errors import UserError
-from .preprocessing import Preprocessing, to_channels
+from edgepipe.pipeline.calibration import list_images, load_image
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.preprocessing import Preprocessing, to_channels
 
 DIGITS_TEST_SIZE = 0.25
 DIGITS_SPLIT_SEED = 0

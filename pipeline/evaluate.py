@@ -1,7 +1,7 @@
 """`edgepipe eval`: accuracy of the source model and of every artifact on a labelled set.
 
 For each artifact and each target a runtime can run it on here (cpu, gpu, reference), the
-labelled images are run through the runtime seam (``edgepipe.devices.base``) and compared with
+labelled images are run through the runtime seam (``edgepipe.devices.runtimes``) and compared with
 the labels (top-1, top-5) and with the source model's own predictions (agreement). The drop of
 an artifact is ``source metric - artifact metric`` in percentage points on the same images
 (for agreement: ``100 - agreement``, since the source agrees with itself).
@@ -35,11 +35,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .datasets import DEFAULT_MIN_SAMPLES, LabelledSet, load_labelled
-from .errors import EdgepipeError, UserError
-from .manifest import Artifact, Manifest, load_manifest
-from .preprocessing import Preprocessing
-from .util import atomic_path, pkg_version, sha256_file, write_json_atomic
+from edgepipe.pipeline.datasets import DEFAULT_MIN_SAMPLES, LabelledSet, load_labelled
+from edgepipe.pipeline.base.errors import EdgepipeError, UserError
+from edgepipe.pipeline.base.manifest import Artifact, Manifest, load_manifest
+from edgepipe.pipeline.base.preprocessing import Preprocessing
+from edgepipe.pipeline.base.util import atomic_path, pkg_version, sha256_file, write_json_atomic
 
 EVAL_NAME = "eval.json"
 EVAL_SCHEMA_VERSION = 1
@@ -122,7 +122,7 @@ def predictions_path(folder: Path, key: str) -> Path:
 
 def load_source_model(m: Manifest, source_model: Optional[str] = None):
     """Rebuild/load the source model the manifest describes (imports TensorFlow)."""
-    from . import models
+    from edgepipe.pipeline import models
 
     s = m.model
     pp = Preprocessing.from_dict(s.preprocessing)
@@ -157,7 +157,7 @@ def _checked_file(path: Optional[str], sha: Optional[str], what: str) -> str:
 def keras_predictor(lm, batch: int = 64) -> Callable[[np.ndarray], np.ndarray]:
     """Batched source-model outputs for preprocessed inputs (the trace's batch-1 path for SavedModels)."""
     if not lm.is_keras:
-        from . import trace
+        from edgepipe.pipeline import trace
 
         traced = trace.trace(lm)
         return traced.reference
@@ -178,7 +178,7 @@ def keras_predictor(lm, batch: int = 64) -> Callable[[np.ndarray], np.ndarray]:
 
 def check_against_reference(predict: Callable, m: Manifest, folder: Path) -> dict:
     """Raise unless the (rebuilt) source model reproduces the export's reference outputs."""
-    from .verify import compare
+    from edgepipe.pipeline.verify import compare
 
     if not m.reference or not (folder / m.reference.get("path", "")).is_file():
         raise UserError(f"{folder} has no reference.npz to check the source model against",
@@ -234,7 +234,7 @@ def _child_main(argv: list[str]) -> int:
     folder, inp, outp, errp = (Path(a) for a in argv[:4])
     source_model = argv[4] if len(argv) > 4 else None
     try:
-        from .util import quiet_tensorflow
+        from edgepipe.pipeline.base.util import quiet_tensorflow
 
         quiet_tensorflow()
         out, info = compute_source_predictions(folder, np.load(inp), source_model)
@@ -287,7 +287,7 @@ def pick_output(outs: list[np.ndarray], num_classes: int) -> int:
 
 def run_session(session, ds: LabelledSet, data: np.ndarray, num_classes: int) -> np.ndarray:
     """All images through one loaded session, batch of 1; (N, K) float outputs."""
-    from edgepipe.devices.base import dequantize, quantize
+    from edgepipe.devices.runtimes.base import dequantize, quantize
 
     n = ds.n
     if getattr(session, "input_kind", "tensor") == "image":  # Core ML ImageType: raw 0-255 pixels
@@ -310,7 +310,7 @@ def run_session(session, ds: LabelledSet, data: np.ndarray, num_classes: int) ->
 def evaluate_file(path: Path, fmt: str, runtime, ds: LabelledSet, data: np.ndarray, source: dict,
                   source_pred: np.ndarray, num_classes: int, threads: Optional[int] = None) -> dict:
     """One artifact file on one runtime: a result row (status ok | skipped | error)."""
-    from edgepipe.devices.base import RunOptions
+    from edgepipe.devices.runtimes.base import RunOptions
 
     row = {"target": runtime.target, "runtime": runtime.name}
     why = runtime.check(path, fmt)
@@ -325,7 +325,7 @@ def evaluate_file(path: Path, fmt: str, runtime, ds: LabelledSet, data: np.ndarr
             facts = {k: v for k, v in (getattr(s, "facts", {}) or {}).items()
                      if isinstance(v, (str, int, float, bool)) or v is None}
     except Exception as e:
-        from edgepipe.pipeline.errors import UnsupportedArtifact
+        from edgepipe.pipeline.base.errors import UnsupportedArtifact
 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         status = "skipped" if isinstance(e, UnsupportedArtifact) else "error"
@@ -350,7 +350,7 @@ def metrics_row(row: dict, out: np.ndarray, ds: LabelledSet, source: dict, sourc
 def evaluate_on_device(runner, path: Path, fmt: str, ds: LabelledSet, inputs_npz: Path, source: dict,
                        source_pred: np.ndarray, num_classes: int, threads: Optional[int] = None) -> dict:
     """One artifact on a remote device (target cpu there) through the agent's predict mode."""
-    from edgepipe.devices.remote import TransportError, _runtime_name
+    from edgepipe.devices.remote.runner import TransportError, _runtime_name
 
     row = {"target": "cpu", "runtime": _runtime_name(fmt, "cpu") if fmt in ("tflite", "onnx") else None}
     why = runner.predict_reason(fmt, "cpu")
@@ -372,14 +372,14 @@ def evaluate_on_device(runner, path: Path, fmt: str, ds: LabelledSet, inputs_npz
 
 
 def _runtimes(fmt: str, targets: Sequence[str]) -> list:
-    from edgepipe.devices.base import runtimes_for
+    from edgepipe.devices.runtimes.base import runtimes_for
 
     return [rt for t in targets for rt in runtimes_for(fmt, t)]
 
 
 def resolve_targets(targets: Optional[Sequence[str] | str]) -> tuple[list[str], bool]:
     """(targets, explicit). Default: every target edgepipe knows except edgetpu."""
-    from edgepipe.devices.base import parse_targets
+    from edgepipe.devices.runtimes.base import parse_targets
 
     if targets is None or targets == "" or targets == []:
         return list(DEFAULT_TARGETS), False
@@ -390,7 +390,7 @@ def resolve_targets(targets: Optional[Sequence[str] | str]) -> tuple[list[str], 
 
 def validate(req: EvalRequest) -> tuple[Manifest, Path, list[str], bool]:
     """Cheap checks before any expensive work."""
-    from .datasets import check_spec
+    from edgepipe.pipeline.datasets import check_spec
 
     m, folder = load_manifest(req.model_dir)
     check_spec(req.data)
@@ -399,7 +399,7 @@ def validate(req: EvalRequest) -> tuple[Manifest, Path, list[str], bool]:
         for a in req.artifacts:
             m.artifact(a)  # raises UserError for unknown ids
     if req.device and req.device != "local":
-        from edgepipe.devices.remote import Registry
+        from edgepipe.devices.remote.runner import Registry
 
         Registry(req.config).get(req.device)  # UserError naming the registry when unknown
         if explicit and targets != ["cpu"]:
@@ -467,7 +467,7 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
 def _evaluate_remote(req: EvalRequest, device: str, arts, folder: Path, ds, data, source, src_pred, k,
                      progress: Progress) -> list[dict]:
     """Every artifact on one registered device, in one session (the inputs are written once)."""
-    from edgepipe.devices.remote import Registry, make_runner
+    from edgepipe.devices.remote.runner import Registry, make_runner
 
     registry = Registry(req.config)
     runner = make_runner(registry.get(device), registry)
@@ -538,7 +538,7 @@ def _evaluate_artifact(a: Artifact, folder: Path, targets, explicit, ds, data, s
 # --------------------------------------------------------------------------- reading eval.json
 def load_eval(folder: str | os.PathLike) -> tuple[dict, Path]:
     """eval.json of a model folder (or beside a manifest)."""
-    from .manifest import find_manifest
+    from edgepipe.pipeline.base.manifest import find_manifest
 
     p = Path(folder)
     if p.is_file() and p.name == EVAL_NAME:

@@ -16,10 +16,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import StageFailure, UserError
-from .manifest import Artifact, Manifest, SourceModel
-from .models import ModelRequest
-from .util import atomic_path, converter_versions, path_size, sha256_file, write_json_atomic
+from edgepipe.pipeline.base.errors import StageFailure, UserError
+from edgepipe.pipeline.base.manifest import Artifact, Manifest, SourceModel
+from edgepipe.pipeline.models import ModelRequest
+from edgepipe.pipeline.base.util import (atomic_path, converter_versions, path_size, sha256_file, write_json_atomic)
 
 DEFAULT_CALIB_SAMPLES = 100
 DEFAULT_VERIFY_SAMPLES = 8
@@ -113,7 +113,7 @@ def _cache_parts(req: ExportRequest) -> dict:
 
 
 def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
-    from . import cache
+    from edgepipe.pipeline import cache
 
     validate(req)
     folder = req.folder
@@ -132,8 +132,8 @@ def run_export(req: ExportRequest, progress: Progress = _noop) -> Manifest:
         m.save(folder)
         return m
 
-    from . import models, trace as trace_mod
-    from .calibration import calibrate
+    from edgepipe.pipeline import models, trace as trace_mod
+    from edgepipe.pipeline.calibration import calibrate
 
     progress("stage", {"name": "load", "detail": req.model.source})
     t0 = time.perf_counter()
@@ -231,7 +231,7 @@ def _export_each(order, req, traced, calibration, folder, manifest, vraw, vdata,
         art = _export_one(traced, fmt, precision, calibration, req, folder, get_format(fmt), progress)
         if art.ok and req.verify:
             progress("verify", {"id": art.id})
-            from .verify import verify_artifact
+            from edgepipe.pipeline.verify import verify_artifact
 
             art.verification = verify_artifact(folder / art.path, fmt, precision, vraw, vdata, reference, vsource,
                                              trained=traced.source.trained)

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import GateFailure, UserError
-from .evaluate import METRIC_LABELS, METRICS, load_eval
-from .manifest import Manifest, load_manifest
-from .util import write_text_atomic
+from edgepipe.pipeline.base.errors import GateFailure, UserError
+from edgepipe.pipeline.evaluate import METRIC_LABELS, METRICS, load_eval
+from edgepipe.pipeline.base.manifest import Manifest, load_manifest
+from edgepipe.pipeline.base.util import write_text_atomic
 
 EPS = 1e-9
 
@@ -213,7 +213,7 @@ def _check_fresh(m: Manifest, ev: dict, ev_path: Path) -> None:
 
 
 def _edgetpu_rows(m: Manifest) -> list[CheckRow]:
-    from edgepipe.devices.edgetpu import require_full_edgetpu
+    from edgepipe.devices.graph.edgetpu import require_full_edgetpu
 
     rows = []
     for a in m.artifacts:

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from edgepipe.pipeline.base.errors import UserError
 
 ONNX_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
 
@@ -49,8 +49,8 @@ def inspect_artifact(path: str | Path) -> dict:
 
 
 def inspect_tflite(path: Path) -> dict:
-    from edgepipe.devices.edgetpu import analyze_graph
-    from edgepipe.devices.tflite_graph import read_tflite
+    from edgepipe.devices.graph.edgetpu import analyze_graph
+    from edgepipe.devices.graph.tflite_graph import read_tflite
 
     g = read_tflite(path)
     report = analyze_graph(g, ops_detail=False)

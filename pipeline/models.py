@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
-from .manifest import SourceModel
-from .preprocessing import Preprocessing
-from .types import LoadedModel
-from .util import sha256_file
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.manifest import SourceModel
+from edgepipe.pipeline.base.preprocessing import Preprocessing
+from edgepipe.pipeline.base.records import LoadedModel
+from edgepipe.pipeline.base.util import sha256_file
 
 DEFAULT_SEED = 0
 

@@ -37,8 +37,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import GateFailure, UserError
-from .manifest import Artifact, Manifest
+from edgepipe.pipeline.base.errors import GateFailure, UserError
+from edgepipe.pipeline.base.manifest import Artifact, Manifest
 
 ONNX_METHODS = ("minmax", "entropy", "percentile")
 DENYLIST_STEPS = (1, 2, 4, 8)
@@ -49,7 +49,7 @@ DEBUG_SAMPLES = 32
 def validate_options(max_drop: Optional[float], eval_data: Optional[str], data: Optional[str],
                      calib: Optional[str], plan: list[tuple[str, str]]) -> Optional[str]:
     """The labelled set --max-drop will use, checked before any expensive work (None without --max-drop)."""
-    from .datasets import check_spec
+    from edgepipe.pipeline.datasets import check_spec
 
     if max_drop is None:
         if eval_data is not None:
@@ -124,10 +124,10 @@ def _stage(progress, name: str) -> None:
 def recover_int8(req, manifest: Manifest, budget: float, eval_data: str, *, metric: str = "top1",
                  min_samples: Optional[int] = None, progress: Callable = None, loaded=None) -> dict:
     """Evaluate every int8 artifact; try recoveries for those over budget (see module docstring)."""
-    from . import models, trace as trace_mod
-    from .calibration import calibrate
-    from .datasets import DEFAULT_MIN_SAMPLES, load_labelled
-    from .evaluate import METRICS, classification_metrics, keras_predictor, source_predictions
+    from edgepipe.pipeline import models, trace as trace_mod
+    from edgepipe.pipeline.calibration import calibrate
+    from edgepipe.pipeline.datasets import DEFAULT_MIN_SAMPLES, load_labelled
+    from edgepipe.pipeline.evaluate import (METRICS, classification_metrics, keras_predictor, source_predictions)
 
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'", f"Use one of: {', '.join(METRICS)}")
@@ -158,9 +158,9 @@ def recover_int8(req, manifest: Manifest, budget: float, eval_data: str, *, metr
         return ctx["calibration"]
 
     def measure(path: Path, fmt: str) -> dict:
-        from .evaluate import evaluate_file
-        from .verify import checker_for
-        from edgepipe.devices.base import Runtime, _load_all
+        from edgepipe.pipeline.evaluate import evaluate_file
+        from edgepipe.pipeline.verify import checker_for
+        from edgepipe.devices.runtimes.base import Runtime, _load_all
 
         _load_all()
         rt = Runtime.registry[checker_for(fmt)]()
@@ -270,7 +270,7 @@ def _finish(rec: dict, chosen: Optional[dict], budget: float) -> dict:
 
 
 def _write_mixed(dest: Path, model: bytes):
-    from edgepipe.devices.litert import tflite_io
+    from edgepipe.devices.runtimes.litert import tflite_io
     from edgepipe.export.base import ExportResult
 
     dest.write_bytes(model)
@@ -327,8 +327,8 @@ def _replace(a: Artifact, folder: Path, dest: Path, res, best: dict, traced) -> 
     """Put the chosen attempt in place of the artifact and re-verify it."""
     from edgepipe.export import get_format
 
-    from .util import atomic_path, path_size, sha256_file
-    from .verify import verify_artifact
+    from edgepipe.pipeline.base.util import atomic_path, path_size, sha256_file
+    from edgepipe.pipeline.verify import verify_artifact
 
     fmt = get_format(a.format)
     name = traced.source.name

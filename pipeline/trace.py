@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .types import LoadedModel, Traced
+from edgepipe.pipeline.base.records import LoadedModel, Traced
 
 
 def trace(lm: LoadedModel) -> Traced:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .manifest import Verification
+from edgepipe.pipeline.base.manifest import Verification
 
 # Per precision: minimum mean centered cosine, maximum error relative to the
 # reference's output range, minimum top-1 agreement on confidently-predicted samples.
@@ -166,7 +166,7 @@ def checker_for(fmt: str) -> tuple[str, str]:
 
 def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None) -> np.ndarray:
     """Run every sample through an artifact; image-input artifacts get raw pixels."""
-    from edgepipe.devices.base import Runtime, _load_all
+    from edgepipe.devices.runtimes.base import Runtime, _load_all
 
     if runtime is None:
         _load_all()
@@ -176,7 +176,7 @@ def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None
             raise LookupError(f"no {name} runtime installed")
         runtime = cls()
     if fmt == "edgetpu":
-        from edgepipe.devices.tflite_graph import read_tflite
+        from edgepipe.devices.graph.tflite_graph import read_tflite
 
         if read_tflite(path, keep_constants=False).is_edgetpu_compiled:
             raise LookupError("compiled for the Edge TPU: it runs only with libedgetpu on an Edge TPU")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.pipeline.manifest import Artifact, Manifest, SourceModel
-from edgepipe.pipeline.util import sha256_file
+from edgepipe.pipeline.base.manifest import Artifact, Manifest, SourceModel
+from edgepipe.pipeline.base.util import sha256_file
 
 # --------------------------------------------------------------------------------------------- fixture
 def _edgetpu_shaped_tflite() -> bytes:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.devices import agent
-from edgepipe.devices.bench import BenchReport, BenchSettings, run_bench
-from edgepipe.pipeline.cli import main as cli_main
-from edgepipe.pipeline.manifest import load_manifest
+from edgepipe.devices.onboard import agent
+from edgepipe.devices.measure.bench import BenchReport, BenchSettings, run_bench
+from edgepipe.pipeline.cli.main import main as cli_main
+from edgepipe.pipeline.base.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-AGENT = REPO / "devices" / "agent.py"
+AGENT = REPO / "devices" / "onboard" / "agent.py"
 FAST = dict(runs=12, min_seconds=0.05, warmup=1, threads=1)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe.devices import benchmark_model as bm
+from edgepipe.devices.measure import benchmark_model as bm
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "benchmark_model"
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.devices import coreml_ref as cr
-from edgepipe.pipeline.errors import EdgepipeError, UnsupportedArtifact, UserError
+from edgepipe.devices.runtimes import coreml_ref as cr
+from edgepipe.pipeline.base.errors import EdgepipeError, UnsupportedArtifact, UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -726,7 +726,7 @@ def test_reader_agrees_with_coremltools_protobuf(ct, conv_model):
 
 
 def test_runtime_registration_and_session(conv_model):
-    from edgepipe.devices.base import get_runtime, runtimes_for
+    from edgepipe.devices.runtimes.base import get_runtime, runtimes_for
 
     model, out = conv_model
     rt = get_runtime("coreml", "reference")
@@ -740,7 +740,7 @@ def test_runtime_registration_and_session(conv_model):
     assert len(res) == len(sess.outputs) == len(CONV_CASES)
     for t, y in zip(sess.outputs, res):
         np.testing.assert_array_equal(y, out[t.name])
-    from edgepipe.devices.base import RunOptions
+    from edgepipe.devices.runtimes.base import RunOptions
 
     one = rt.load(model.path, RunOptions(threads=1))  # BLAS limited to one thread: same numbers
     for a, b in zip(one.run([X_CONV]), res):
@@ -757,7 +757,7 @@ def test_loading_and_running_imports_neither_tensorflow_nor_coremltools(conv_mod
     model, _ = conv_model
     code = (
         "import sys, numpy as np\n"
-        "from edgepipe.devices.base import get_runtime\n"
+        "from edgepipe.devices.runtimes.base import get_runtime\n"
         f"s = get_runtime('coreml', 'reference').load({str(model.path)!r})\n"
         f"s.run([np.zeros({tuple(X_CONV.shape)}, np.float32)])\n"
         "bad = [m for m in ('tensorflow', 'coremltools', 'keras') if m in sys.modules]\n"
@@ -932,7 +932,7 @@ def test_keras_model_variants_match_keras(keras_artifacts, name, variant):
 
 @pytest.mark.slow
 def test_session_runs_image_models_on_raw_pixels(keras_artifacts):
-    from edgepipe.devices.base import get_runtime
+    from edgepipe.devices.runtimes.base import get_runtime
 
     art = keras_artifacts["residual"]
     sess = get_runtime("coreml", "reference").load(art["paths"]["fp16"])

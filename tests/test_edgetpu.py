@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.devices import edgetpu as et
-from edgepipe.devices.tflite_graph import EDGETPU_CUSTOM_OP, TFLiteReadError, read_tflite
-from edgepipe.pipeline.errors import ConversionError, GateFailure, UserError
+from edgepipe.devices.graph import edgetpu as et
+from edgepipe.devices.runtimes import edgetpu as etr
+from edgepipe.export import edgetpu_compiler as etc
+from edgepipe.devices.graph.tflite_graph import EDGETPU_CUSTOM_OP, TFLiteReadError, read_tflite
+from edgepipe.pipeline.base.errors import ConversionError, GateFailure, UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edgetpu"
 
@@ -291,7 +293,7 @@ def test_summary_by_type_and_dict(tiny):
 def test_require_full_edgetpu(tiny):
     et.require_full_edgetpu(et.analyze_tflite(tiny("int8")))  # no error
     r = et.analyze_tflite(tiny("leaky"))
-    for form in (r, r.to_dict(), et.report_from_prediction(r, "no compiler")):
+    for form in (r, r.to_dict(), etc.report_from_prediction(r.to_dict(), "no compiler")):
         with pytest.raises(GateFailure) as e:
             et.require_full_edgetpu(form)
         msg = e.value.message
@@ -301,16 +303,16 @@ def test_require_full_edgetpu(tiny):
 
 
 def test_require_full_edgetpu_from_compiler_report():
-    log = et.parse_compiler_log((FIXTURES / "partial_v16.txt").read_text())
-    res = et.CompileResult(ok=True, command=["edgetpu_compiler"], log_path=Path("x.log"), log=log)
+    log = etc.parse_compiler_log((FIXTURES / "partial_v16.txt").read_text())
+    res = etc.CompileResult(ok=True, command=["edgetpu_compiler"], log_path=Path("x.log"), log=log)
     with pytest.raises(GateFailure) as e:
-        et.require_full_edgetpu(et.report_from_compile(res))
+        et.require_full_edgetpu(etc.report_from_compile(res))
     msg = e.value.message
     assert msg.startswith("12 of 42 ops run on the CPU") and "according to edgetpu_compiler" in msg
     assert "LEAKY_RELU" in msg and "Operation not supported" in msg
-    full = et.parse_compiler_log((FIXTURES / "full_v16.txt").read_text())
-    et.require_full_edgetpu(et.report_from_compile(
-        et.CompileResult(ok=True, command=[], log_path=Path("y.log"), log=full)))
+    full = etc.parse_compiler_log((FIXTURES / "full_v16.txt").read_text())
+    et.require_full_edgetpu(etc.report_from_compile(
+        etc.CompileResult(ok=True, command=[], log_path=Path("y.log"), log=full)))
 
 
 def _fake_compiled(src: Path, dest: Path, opcode: str = "CONV_2D") -> Path:
@@ -342,7 +344,7 @@ def test_compiled_graph_is_read_not_predicted(tiny, tmp_path):
 # compiler log parsing (fixture texts written for these tests, in the compiler's format)
 # ------------------------------------------------------------------------------------------
 def test_parse_partial_log():
-    lg = et.parse_compiler_log((FIXTURES / "partial_v16.txt").read_text())
+    lg = etc.parse_compiler_log((FIXTURES / "partial_v16.txt").read_text())
     assert lg.version == "16.0.384591198" and lg.succeeded and lg.error is None and lg.compile_ms == 412
     assert (lg.ops_edgetpu, lg.ops_cpu, lg.total_ops, lg.subgraphs) == (30, 12, 42, 1)
     assert lg.on_chip_bytes == round(1.21 * 2**20) and lg.off_chip_bytes == 64 * 1024
@@ -360,29 +362,29 @@ def test_parse_partial_log():
 
 
 def test_parse_fully_mapped_log_and_operation_log():
-    lg = et.parse_compiler_log((FIXTURES / "full_v16.txt").read_text())
+    lg = etc.parse_compiler_log((FIXTURES / "full_v16.txt").read_text())
     assert lg.succeeded and lg.operations == [] and lg.total_ops == 66
     assert (lg.ops_edgetpu, lg.ops_cpu) == (66, 0) and lg.fully_mapped
     assert lg.off_chip_bytes == 0 and lg.on_chip_bytes == round(3.88 * 2**20)
-    table = et.parse_operation_table((FIXTURES / "full_v16_oplog.log").read_text())
+    table = etc.parse_operation_table((FIXTURES / "full_v16_oplog.log").read_text())
     assert sum(r["count"] for r in table) == 66 and all(r["placement"] == "edgetpu" for r in table)
 
 
 def test_parse_old_operation_log_and_failure():
-    lg = et.parse_compiler_log((FIXTURES / "old_v14_oplog.log").read_text())
+    lg = etc.parse_compiler_log((FIXTURES / "old_v14_oplog.log").read_text())
     assert lg.version == "14.1.317412892" and lg.input_model == "segmenter_int8.tflite"
     assert (lg.ops_edgetpu, lg.ops_cpu) == (16, 6)
     assert {"op": "RESIZE_BILINEAR", "count": 1, "reason": "Operation version not supported"} in lg.cpu_ops
-    bad = et.parse_compiler_log((FIXTURES / "failed_v16.txt").read_text())
+    bad = etc.parse_compiler_log((FIXTURES / "failed_v16.txt").read_text())
     assert not bad.succeeded and bad.error == "Compilation failed due to large activation tensors in model."
-    assert et.parse_compiler_log("").version is None
+    assert etc.parse_compiler_log("").version is None
 
 
 def test_parse_size_units():
-    assert et.parse_size("0.00B") == 0
-    assert et.parse_size("5.75KiB") == round(5.75 * 1024)
-    assert et.parse_size("2GiB") == 2 * 2**30
-    assert et.parse_size("n/a") is None
+    assert etc.parse_size("0.00B") == 0
+    assert etc.parse_size("5.75KiB") == round(5.75 * 1024)
+    assert etc.parse_size("2GiB") == 2 * 2**30
+    assert etc.parse_size("n/a") is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,9 +445,9 @@ def compiler_double(tmp_path, monkeypatch):
 
 
 def test_compile_without_compiler_raises(tiny, tmp_path, no_compiler):
-    assert et.find_compiler() is None and et.compiler_version() is None
+    assert etc.find_compiler() is None and etc.compiler_version() is None
     with pytest.raises(ConversionError, match="not found on PATH"):
-        et.compile_edgetpu(tiny("int8"), tmp_path / "out")
+        etc.compile_edgetpu(tiny("int8"), tmp_path / "out")
 
 
 def test_compile_with_double_runs_argument_list_and_keeps_log(tiny, tmp_path, compiler_double, monkeypatch):
@@ -453,7 +455,7 @@ def test_compile_with_double_runs_argument_list_and_keeps_log(tiny, tmp_path, co
     src = tmp_path / "we; ird $(name).tflite"  # a shell would choke on this name; an argv list does not
     src.write_bytes(tiny("int8").read_bytes())
     out = tmp_path / "out"
-    res = et.compile_edgetpu(src, out, timeout=60)
+    res = etc.compile_edgetpu(src, out, timeout=60)
     assert res.ok and res.error is None and res.returncode == 0 and not res.timed_out
     assert res.artifact == out / "we; ird $(name)_edgetpu.tflite" and res.artifact.is_file()
     assert res.log_path.parent == out and res.log_path.is_file()
@@ -473,14 +475,14 @@ def test_compile_with_double_runs_argument_list_and_keeps_log(tiny, tmp_path, co
 
 def test_compile_older_compiler_gets_no_timeout_flag(tiny, tmp_path, compiler_double, monkeypatch):
     monkeypatch.setenv("EDGETPU_DOUBLE_VERSION", "15.0.340273435")
-    res = et.compile_edgetpu(tiny("int8"), tmp_path / "out", timeout=60)
+    res = etc.compile_edgetpu(tiny("int8"), tmp_path / "out", timeout=60)
     assert res.ok and "--timeout_sec" not in compiler_double()[1]
 
 
 def test_compile_timeout_kills_and_keeps_partial_log(tiny, tmp_path, compiler_double, monkeypatch):
     monkeypatch.setenv("EDGETPU_DOUBLE_SLEEP", "30")
     t0 = time.perf_counter()
-    res = et.compile_edgetpu(tiny("int8"), tmp_path / "out", timeout=1.5)
+    res = etc.compile_edgetpu(tiny("int8"), tmp_path / "out", timeout=1.5)
     assert time.perf_counter() - t0 < 15
     assert not res.ok and res.timed_out and res.artifact is None
     assert "did not finish within 1.5 s" in res.error
@@ -491,7 +493,7 @@ def test_compile_timeout_kills_and_keeps_partial_log(tiny, tmp_path, compiler_do
 def test_compile_failure_reports_compiler_error(tiny, tmp_path, compiler_double, monkeypatch):
     monkeypatch.setenv("EDGETPU_DOUBLE_RC", "1")
     monkeypatch.setenv("EDGETPU_DOUBLE_LOG", str(FIXTURES / "failed_v16.txt"))
-    res = et.compile_edgetpu(tiny("int8"), tmp_path / "out", timeout=60)
+    res = etc.compile_edgetpu(tiny("int8"), tmp_path / "out", timeout=60)
     assert not res.ok and res.returncode == 1 and res.artifact is None
     assert res.error == "Compilation failed due to large activation tensors in model."
     assert "exit status 1" in res.log_path.read_text()
@@ -501,12 +503,12 @@ def test_compile_failure_reports_compiler_error(tiny, tmp_path, compiler_double,
 # runtime
 # ------------------------------------------------------------------------------------------
 def test_runtime_registered_and_explains_itself(tiny, tmp_path):
-    from edgepipe.devices.base import Runtime, get_runtime
+    from edgepipe.devices.runtimes.base import Runtime, get_runtime
 
     rt = get_runtime("tflite", "edgetpu")
-    assert isinstance(rt, et.EdgeTPURuntime)
-    assert Runtime.registry[("litert-edgetpu", "edgetpu")] is et.EdgeTPURuntime
-    assert rt.check(tiny("int8"), "tflite") == et.NOT_COMPILED_REASON
+    assert isinstance(rt, etr.EdgeTPURuntime)
+    assert Runtime.registry[("litert-edgetpu", "edgetpu")] is etr.EdgeTPURuntime
+    assert rt.check(tiny("int8"), "tflite") == etr.NOT_COMPILED_REASON
     assert "onnx" in rt.check(tmp_path / "m.onnx", "onnx")
     assert "missing" in rt.check(tmp_path / "none_edgetpu.tflite", "tflite")
     compiled = _fake_compiled(tiny("int8"), tmp_path / "m_edgetpu.tflite")
@@ -521,21 +523,21 @@ def test_runtime_unavailable_without_libedgetpu():
 
     if ctypes.util.find_library("edgetpu") is not None:
         pytest.skip("libedgetpu is installed on this host")
-    et._availability.cache_clear()
-    why = et.EdgeTPURuntime().available()
+    etr._availability.cache_clear()
+    why = etr.EdgeTPURuntime().available()
     assert why and why.startswith("libedgetpu.so.1 cannot be loaded") and "libedgetpu1-std" in why
 
 
 @pytest.mark.edgetpu
 def test_runs_on_a_real_edge_tpu(tiny, tmp_path):
-    why = et.EdgeTPURuntime().available()
+    why = etr.EdgeTPURuntime().available()
     if why:
         pytest.skip(f"no Edge TPU here: {why}")
-    if et.find_compiler() is None:
+    if etc.find_compiler() is None:
         pytest.skip("edgetpu_compiler is not installed, so no compiled model can be made here")
-    res = et.compile_edgetpu(tiny("int8"), tmp_path / "out")
+    res = etc.compile_edgetpu(tiny("int8"), tmp_path / "out")
     assert res.ok, res.error
-    with et.EdgeTPURuntime().load(res.artifact) as s:
+    with etr.EdgeTPURuntime().load(res.artifact) as s:
         y = s.run([np.random.default_rng(0).random((1, 16, 16, 3), dtype=np.float32)])
         assert y[0].shape == (1, 10) and s.facts["delegate"] == "edgetpu"
 
@@ -547,10 +549,10 @@ def test_runs_on_a_real_edge_tpu(tiny, tmp_path):
 def traced_tiny():
     import keras
 
-    from edgepipe.pipeline.manifest import SourceModel
-    from edgepipe.pipeline.preprocessing import Preprocessing
+    from edgepipe.pipeline.base.manifest import SourceModel
+    from edgepipe.pipeline.base.preprocessing import Preprocessing
     from edgepipe.pipeline.trace import trace
-    from edgepipe.pipeline.types import Calibration, LoadedModel
+    from edgepipe.pipeline.base.records import Calibration, LoadedModel
 
     i = keras.Input((16, 16, 3), batch_size=1)
     x = keras.layers.Conv2D(8, 3, activation="relu")(i)
@@ -572,7 +574,7 @@ def test_format_registered():
 
 def test_export_without_compiler_records_prediction(traced_tiny, tmp_path, no_compiler):
     from edgepipe.export import ExportOptions, get_format
-    from edgepipe.pipeline.util import atomic_path
+    from edgepipe.pipeline.base.util import atomic_path
 
     traced, calib = traced_tiny
     final = tmp_path / "tiny_int8_edgetpu.tflite"
@@ -592,7 +594,7 @@ def test_export_without_compiler_records_prediction(traced_tiny, tmp_path, no_co
 
 def test_export_with_compiler_double_keeps_logs(traced_tiny, tmp_path, compiler_double):
     from edgepipe.export import ExportOptions, get_format
-    from edgepipe.pipeline.util import atomic_path
+    from edgepipe.pipeline.base.util import atomic_path
 
     traced, calib = traced_tiny
     folder = tmp_path / "artifacts"

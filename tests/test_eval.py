@@ -15,10 +15,10 @@ import digits_model  # noqa: E402  (tests/ helper)
 from conftest import run_cli  # noqa: E402
 
 from edgepipe.pipeline import datasets  # noqa: E402
-from edgepipe.pipeline.cli import main  # noqa: E402
-from edgepipe.pipeline.errors import UserError  # noqa: E402
+from edgepipe.pipeline.cli.main import main  # noqa: E402
+from edgepipe.pipeline.base.errors import UserError  # noqa: E402
 from edgepipe.pipeline.evaluate import classification_metrics, drops, load_eval  # noqa: E402
-from edgepipe.pipeline.manifest import Manifest, SourceModel  # noqa: E402
+from edgepipe.pipeline.base.manifest import Manifest, SourceModel  # noqa: E402
 
 
 def _err_line(capsys) -> str:
@@ -245,7 +245,7 @@ def test_trained_digits_model_and_its_int8_artifacts(digits_export):
         assert r["drop"]["top1"] <= 1.0, r
         assert r["agreement"] >= 98.0
         assert r["top1"] == pytest.approx(100.0 * r["correct"] / 450)
-    from edgepipe.devices.base import Runtime, _load_all
+    from edgepipe.devices.runtimes.base import Runtime, _load_all
 
     _load_all()
     if ("coreml-reference", "reference") in Runtime.registry:
@@ -316,7 +316,7 @@ def test_builtin_random_model_is_rebuilt_from_its_seed(tmp_path):
 @pytest.mark.slow
 @pytest.mark.gpu
 def test_eval_on_litert_gpu(digits_export):
-    from edgepipe.devices.litert_gpu import LiteRTGPU
+    from edgepipe.devices.runtimes.litert_gpu import LiteRTGPU
 
     why = LiteRTGPU().host_available()
     if why:

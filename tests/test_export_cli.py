@@ -224,7 +224,7 @@ def test_killed_export_leaves_no_partial_file(tmp_path):
 def test_labels_and_preprocessing_travel_with_the_artifacts(tiny_keras_files, tmp_path):
     import onnx
 
-    from edgepipe.devices.coreml_ref import describe
+    from edgepipe.devices.runtimes.coreml_ref import describe
 
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(["cat", "dog", "fox", "owl", "elk"]) + "\n")

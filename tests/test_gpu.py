@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from edgepipe.devices import host
-from edgepipe.devices.bench import BenchSettings, run_bench
-from edgepipe.devices.litert_gpu import LiteRTGPU
+from edgepipe.devices.measure import host
+from edgepipe.devices.measure.bench import BenchSettings, run_bench
+from edgepipe.devices.runtimes.litert_gpu import LiteRTGPU
 
 pytestmark = pytest.mark.gpu
-AGENT = Path(__file__).resolve().parents[1] / "devices" / "agent.py"
+AGENT = Path(__file__).resolve().parents[1] / "devices" / "onboard" / "agent.py"
 
 
 
@@ -35,8 +35,8 @@ def gpu_probe() -> dict:
 _SESSION_SCRIPT = r"""
 import json, sys
 import numpy as np
-from edgepipe.devices.litert import LiteRTCPU
-from edgepipe.devices.litert_gpu import LiteRTGPU
+from edgepipe.devices.runtimes.litert import LiteRTCPU
+from edgepipe.devices.runtimes.litert_gpu import LiteRTGPU
 folder = sys.argv[1]
 x = np.load(folder + "/reference.npz")["data"][:4]
 rt = LiteRTGPU()
@@ -78,7 +78,7 @@ def test_gpu_refuses_to_share_a_process_with_tensorflow(gpu_probe, tiny_export):
     assert "tensorflow" in sys.modules  # the fixture built the artifacts with it
     if not all(a["type"] == "cpu" for a in gpu_probe.get("vulkan_adapters", [])):
         pytest.skip("a hardware Vulkan driver: no LLVM clash with TensorFlow")
-    from edgepipe.pipeline.errors import UnsupportedArtifact
+    from edgepipe.pipeline.base.errors import UnsupportedArtifact
 
     rt = LiteRTGPU()
     why = rt.available()

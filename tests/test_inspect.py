@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.pipeline.cli import main
-from edgepipe.pipeline.errors import UserError
+from edgepipe.pipeline.cli.main import main
+from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.inspect import inspect_artifact
 
 

@@ -32,10 +32,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgepipe.devices.bench import BenchSettings
-from edgepipe.devices.remote import Registry, bench_devices, make_device, make_runner, parse_url
-from edgepipe.devices.report import render_markdown
-from edgepipe.pipeline.errors import UserError
+from edgepipe.devices.measure.bench import BenchSettings
+from edgepipe.devices.remote.runner import Registry, bench_devices, make_device, make_runner, parse_url
+from edgepipe.devices.measure.report import render_markdown
+from edgepipe.pipeline.base.errors import UserError
 
 FAST = dict(runs=5, min_seconds=0.05, warmup=1, threads=1)
 ARTS = ["tflite-fp32", "tflite-int8", "onnx-fp32"]
@@ -113,7 +113,7 @@ _STANDIN = textwrap.dedent('''
         print("ERROR: Failed to apply GPU delegate.", flush=True)
         print("ERROR: Benchmarking failed.", flush=True)
         sys.exit(1)
-    from edgepipe.devices.agent import TFLiteInterpreterBackend, _random_input
+    from edgepipe.devices.onboard.agent import TFLiteInterpreterBackend, _random_input
     t0 = time.perf_counter()
     b = TFLiteInterpreterBackend(args["graph"], "cpu", int(args.get("num_threads", 1)))
     init_us = (time.perf_counter() - t0) * 1e6
@@ -235,7 +235,7 @@ def test_adb_addresses_and_options(tmp_path):
     with pytest.raises(UserError, match="benchmark binary .* does not exist"):
         make_device("pixel", "adb://R58M", benchmark_binary=str(tmp_path / "missing"))
     dev = make_device("pixel", "adb://R58M", via="benchmark_model")
-    from edgepipe.devices.adb import make_adb_runner
+    from edgepipe.devices.remote.adb import make_adb_runner
 
     with pytest.raises(UserError, match="no binary was given"):
         make_adb_runner(dev)

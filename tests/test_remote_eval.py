@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.devices.remote import Registry, TransportError, make_device, predict_on_device
+from edgepipe.devices.remote.runner import Registry, TransportError, make_device, predict_on_device
 from edgepipe.pipeline.evaluate import EvalRequest, evaluate, load_eval
 from test_remote_ssh import free_port, needs_openssh, sshd  # noqa: F401  (the module-scoped sshd fixture)
 
@@ -91,7 +91,7 @@ def test_device_eval_equals_local_eval(export, cfg, tmp_path):
     x = np.random.default_rng(1).uniform(0, 1, (5, 32, 32, 3)).astype(np.float32)
     np.savez(inp, inputs=x)
     y = predict_on_device("box", export / "tiny_fp32.tflite", "tflite", inp, config=str(cfg))
-    from edgepipe.devices.base import RunOptions, runtimes_for
+    from edgepipe.devices.runtimes.base import RunOptions, runtimes_for
 
     with runtimes_for("tflite", "cpu")[0].load(export / "tiny_fp32.tflite", RunOptions()) as s:
         ref = np.concatenate([s.run([x[i:i + 1]])[0] for i in range(5)])
@@ -110,7 +110,7 @@ def test_unreachable_device_fails_each_row_cleanly(export, cfg):
 
 
 def test_eval_device_bad_input_exit_2(export, cfg, capsys):
-    from edgepipe.pipeline.cli import main
+    from edgepipe.pipeline.cli.main import main
 
     assert main(["eval", str(export), "--data", "digits", "--device", "nosuch", "--config", str(cfg)]) == 2
     assert "no device named 'nosuch'" in capsys.readouterr().err

@@ -25,11 +25,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgepipe.devices.bench import BenchSettings
-from edgepipe.devices.remote import (Registry, TransportError, bench_devices, make_device, make_runner, parse_url,
-                                     resolve_devices)
-from edgepipe.devices.report import render_html, render_markdown, write_reports
-from edgepipe.pipeline.errors import UserError
+from edgepipe.devices.measure.bench import BenchSettings
+from edgepipe.devices.remote.runner import (Registry, TransportError, bench_devices, make_device, make_runner, parse_url, resolve_devices)
+from edgepipe.devices.measure.report import render_html, render_markdown, write_reports
+from edgepipe.pipeline.base.errors import UserError
 
 SSHD = "/usr/sbin/sshd"
 REPO = Path(__file__).resolve().parents[1]

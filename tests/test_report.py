@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from edgepipe.devices.bench import BenchReport, BenchSettings, run_bench, write_reports
-from edgepipe.devices.report import compare, render_html, render_markdown
-from edgepipe.pipeline.cli import main as cli_main
+from edgepipe.devices.measure.bench import BenchReport, BenchSettings, run_bench, write_reports
+from edgepipe.devices.measure.report import compare, render_html, render_markdown
+from edgepipe.pipeline.cli.main import main as cli_main
 
 
 
@@ -49,7 +49,7 @@ def test_markdown_table(report):
     assert len(table) == len(report.rows)
     cols = lines[header].count("|")
     assert all(ln.count("|") - ln.count("\\|") == cols for ln in table)
-    from edgepipe.devices.report import _ms
+    from edgepipe.devices.measure.report import _ms
 
     for r in _ok(report):
         line = next(ln for ln in table if ln.startswith(f"| {r.artifact} | {r.target} |"))

@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from edgepipe.pipeline.errors import UserError
+from edgepipe.pipeline.base.errors import UserError
 
-from . import benchmark_model as bm
-from .bench import BenchRow, BenchSettings, _Job
-from .remote import (BENCH_TARGETS, MARK, Device, RemoteRunner, ShellResult, Transport, TransportError, _arch_family,
-                     _push_timeout, _tail, check_benchmark_binary, elf_machine)
+from edgepipe.devices.measure import benchmark_model as bm
+from edgepipe.devices.measure.bench import BenchRow, BenchSettings, _Job
+from edgepipe.devices.remote.runner import (BENCH_TARGETS, MARK, Device, RemoteRunner, ShellResult, Transport, TransportError, _arch_family, _push_timeout, _tail, check_benchmark_binary, elf_machine)
 
 ANDROID_TMP = "/data/local/tmp"
 
@@ -292,7 +291,7 @@ class ADBRunner(RemoteRunner):
             row.reason = f"timed out on {self.name} after {s.timeout_s:.0f} s (killed by the device's timeout)"
             return
         if res.rc > 128 and not parsed.complete:
-            from .host import signal_name
+            from edgepipe.devices.measure.host import signal_name
 
             row.status, row.signal = "failed", signal_name(-(res.rc - 128))
             row.reason = f"benchmark_model crashed with {row.signal} on {self.name}"

@@ -24,15 +24,15 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print eval.json on stdout."),
     ):
         """Accuracy of the source model and every artifact on a labelled set; writes eval.json."""
-        from .errors import StageFailure
-        from .evaluate import EvalRequest, evaluate, validate
+        from edgepipe.pipeline.base.errors import StageFailure
+        from edgepipe.pipeline.evaluate import EvalRequest, evaluate, validate
 
         req = EvalRequest(model_dir, data, targets=targets, limit=limit, min_samples=min_samples,
                           labels_map=labels_map, source_model=source_model, threads=threads,
                           device=device, config=config,
                           artifacts=[a.strip() for a in artifacts.split(",") if a.strip()] if artifacts else None)
         validate(req)
-        from .util import stdout_to_stderr
+        from edgepipe.pipeline.base.util import stdout_to_stderr
 
         prog = _Progress(quiet=json_out)
         try:
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         finally:
             prog.close()
         if json_out:
-            from .cli import emit_json
+            from edgepipe.pipeline.cli.main import emit_json
 
             emit_json(res)
         else:
@@ -64,8 +64,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ):
         """CI gate: exit 1 when an artifact loses more accuracy than its budget allows."""
-        from .gate import Budget, GateConfig, enforce, parse_metrics, parse_overrides, run_check, write_reports
-        from .manifest import load_manifest
+        from edgepipe.pipeline.gate import (Budget, GateConfig, enforce, parse_metrics, parse_overrides, run_check, write_reports)
+        from edgepipe.pipeline.base.manifest import load_manifest
 
         m, _ = load_manifest(model_dir)
         overrides = parse_overrides(max_drop_for, m)
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         res = run_check(model_dir, cfg)
         written = write_reports(res, junit, markdown)
         if json_out:
-            from .cli import emit_json
+            from edgepipe.pipeline.cli.main import emit_json
 
             emit_json({**res.to_dict(), "reports": written})
         else:
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
 
 class _Progress:
     def __init__(self, quiet: bool):
-        from .cli import console
+        from edgepipe.pipeline.cli.main import console
 
         self.console = console()
         self.quiet = quiet
@@ -116,7 +116,7 @@ def _where(r: dict) -> str:
 def _print_eval(res: dict) -> None:
     from rich.table import Table
 
-    from .cli import console
+    from edgepipe.pipeline.cli.main import console
 
     c = console(stderr=False)
     ds, src = res["dataset"], res["source"]
@@ -148,9 +148,9 @@ def _print_eval(res: dict) -> None:
 def _print_check(res) -> None:
     from rich.table import Table
 
-    from .cli import console
-    from .evaluate import METRIC_LABELS
-    from .gate import _pts
+    from edgepipe.pipeline.cli.main import console
+    from edgepipe.pipeline.evaluate import METRIC_LABELS
+    from edgepipe.pipeline.gate import _pts
 
     c = console(stderr=False)
     t = Table(title=res.summary_line())

@@ -36,10 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from edgepipe.pipeline.errors import UserError
+from edgepipe.pipeline.base.errors import UserError
 
-from .bench import (AGENT, AGENT_NATIVE, BENCH_TARGETS, EDGETPU_PRECISIONS, BenchReport, BenchRow, BenchSettings,
-                    _agent_format, _command, _Job, apply_agent_output)
+from edgepipe.devices.measure.bench import (AGENT, AGENT_NATIVE, BENCH_TARGETS, EDGETPU_PRECISIONS, BenchReport, BenchRow, BenchSettings, _agent_format, _command, _Job, apply_agent_output)
 
 CONFIG_ENV = "EDGEPIPE_CONFIG"
 CONFIG_VERSION = 1
@@ -182,7 +181,7 @@ class Registry:
         return self.path.parent / "known_hosts"
 
     def save(self) -> Path:
-        from edgepipe.pipeline.util import write_json_atomic
+        from edgepipe.pipeline.base.util import write_json_atomic
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return write_json_atomic(self.path, {"version": CONFIG_VERSION,
@@ -420,7 +419,7 @@ def _sections(text: str) -> dict[str, str]:
 
 def parse_facts(text: str, python: str) -> dict:
     """What the facts script printed -> host facts shaped like host.host_facts() (cpu, os, python...)."""
-    from .host import _ARM_FLAGS, _X86_FLAGS
+    from edgepipe.devices.measure.host import _ARM_FLAGS, _X86_FLAGS
 
     sec = _sections(text)
     uname = sec.get("uname", "").split()
@@ -495,7 +494,7 @@ _RUNTIME_NAMES = {("tflite", "cpu"): "litert", ("tflite", "gpu"): "litert-gpu", 
 
 def _runtime_name(fmt: str, target: str) -> str:
     try:
-        from .base import runtimes_for
+        from edgepipe.devices.runtimes.base import runtimes_for
 
         rts = runtimes_for(fmt, target)
         if rts:
@@ -873,13 +872,13 @@ class RemoteRunner:
 # ---------------------------------------------------------------------------------------------
 def make_runner(dev: Device, registry: Optional[Registry] = None, benchmark_binary: Optional[str] = None):
     if dev.kind == "ssh":
-        from .ssh import SSHTransport
+        from edgepipe.devices.remote.ssh import SSHTransport
 
         kh = None if dev.known_hosts == "user" else Path(dev.known_hosts) if dev.known_hosts else \
             (registry.known_hosts if registry else config_path().parent / "known_hosts")
         return RemoteRunner(dev, SSHTransport(dev, known_hosts=kh))
     if dev.kind == "adb":
-        from .adb import make_adb_runner
+        from edgepipe.devices.remote.adb import make_adb_runner
 
         return make_adb_runner(dev, benchmark_binary=benchmark_binary)
     raise UserError(f"device '{dev.name}' has unknown kind '{dev.kind}'", "Remove it and add it again")
@@ -912,7 +911,7 @@ def bench_devices(manifest_path, settings: BenchSettings, device_spec: str, conf
                   benchmark_binary: Optional[str] = None, progress: Optional[ProgressFn] = None,
                   on_device: Optional[Callable[[str], None]] = None) -> BenchReport:
     """`edgepipe bench --device ...`: run_bench once per device (each in its own session), one report."""
-    from .bench import LocalRunner, run_bench
+    from edgepipe.devices.measure.bench import LocalRunner, run_bench
 
     registry = Registry(config)
     names = resolve_devices(device_spec, registry)
@@ -947,7 +946,7 @@ def merge_reports(reports: list[BenchReport]) -> BenchReport:
         for name, ident in (rep.devices or {}).items():
             base.devices[name] = {**ident, "host": rep.host, "targets_probe": rep.targets,
                                   "threads": (rep.settings or {}).get("threads")}
-    from .host import host_facts
+    from edgepipe.devices.measure.host import host_facts
 
     base.host = {**host_facts(), "role": "controller: the machine that ran edgepipe; see devices for each device"}
     base.settings = dict(base.settings or {})

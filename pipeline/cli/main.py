@@ -15,10 +15,10 @@ from typing import Any
 
 import typer
 
-from .errors import EdgepipeError
+from edgepipe.pipeline.base.errors import EdgepipeError
 
-CLI_MODULES = ["edgepipe.pipeline.cli_export", "edgepipe.pipeline.cli_inspect", "edgepipe.pipeline.cli_bench", "edgepipe.pipeline.cli_eval",
-               "edgepipe.pipeline.cli_remote"]
+CLI_MODULES = ["edgepipe.pipeline.cli.export", "edgepipe.pipeline.cli.inspect", "edgepipe.pipeline.cli.bench",
+               "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices"]
 
 app = typer.Typer(
     name="edgepipe",
@@ -44,7 +44,7 @@ def _root(
     if debug:
         _state["debug"] = True
     if version:
-        from .util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         typer.echo(pkg_version("edgepipe"))
         raise typer.Exit(0)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edgepipe.pipeline.errors import UserError
+from edgepipe.pipeline.base.errors import UserError
 
 EDGETPU_CUSTOM_OP = "edgetpu-custom-op"
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .base import RunOptions, Runtime
-from .ort import ORTSession
+from edgepipe.devices.runtimes.base import RunOptions, Runtime
+from edgepipe.devices.runtimes.ort import ORTSession
 
 
 class ORTCUDASession(ORTSession):
@@ -19,7 +19,7 @@ class ORTCUDASession(ORTSession):
         super().__init__(path, options)
         got = self.sess.get_providers()
         if "CUDAExecutionProvider" not in got:
-            from edgepipe.pipeline.errors import UnsupportedArtifact
+            from edgepipe.pipeline.base.errors import UnsupportedArtifact
 
             raise UnsupportedArtifact(f"CUDAExecutionProvider failed to initialise (session providers: {got})",
                                       "Check the CUDA and cuDNN libraries onnxruntime-gpu needs")
@@ -46,6 +46,6 @@ class ORTCUDA(Runtime):
         return ORTCUDASession(Path(path), options or RunOptions())
 
     def versions(self):
-        from edgepipe.pipeline.util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         return {"onnxruntime-gpu": pkg_version("onnxruntime-gpu"), "onnxruntime": pkg_version("onnxruntime")}

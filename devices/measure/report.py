@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .bench import BenchReport, BenchRow
+    from edgepipe.devices.measure.bench import BenchReport, BenchRow
 
 TARGET_COLORS = {"cpu": "#1f77b4", "gpu": "#d62728", "edgetpu": "#2ca02c", "reference": "#9467bd"}
 STATUS_ICON = {"ok": "ok", "failed": "FAILED", "skipped": "skipped", "unavailable": "unavailable"}
@@ -69,7 +69,7 @@ class Comparison:
 
 def compare(old: "BenchReport", new: "BenchReport", threshold: float = 0.10) -> Comparison:
     """Ratio of medians per (artifact, target, runtime); beyond ``threshold`` (0.10 = 10 %) is flagged."""
-    from edgepipe.pipeline.errors import UserError
+    from edgepipe.pipeline.base.errors import UserError
 
     if not (0 < threshold < 10):
         raise UserError(f"threshold {threshold} is out of range", "Use a fraction such as 0.1 for 10 %")
@@ -581,7 +581,7 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
 def write_reports(rep: "BenchReport", out_dir: str | os.PathLike,
                   comparison: Optional[Comparison] = None) -> dict[str, Path]:
     """bench.json, bench.md and bench.html in ``out_dir`` (each written atomically)."""
-    from edgepipe.pipeline.util import write_text_atomic
+    from edgepipe.pipeline.base.util import write_text_atomic
 
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def describe(runner) -> dict:
 
 
 def probe_device(dev, registry, benchmark_binary: Optional[str] = None) -> dict:
-    from edgepipe.devices.remote import make_runner
+    from edgepipe.devices.remote.runner import make_runner
 
     runner = make_runner(dev, registry, benchmark_binary)
     with runner:
@@ -80,9 +80,9 @@ def devices(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from edgepipe.devices import host
-    from edgepipe.devices.remote import Registry
-    from edgepipe.pipeline.cli import console, emit_json
+    from edgepipe.devices.measure import host
+    from edgepipe.devices.remote.runner import Registry
+    from edgepipe.pipeline.cli.main import console, emit_json
 
     registry = Registry(config)
     remote = []
@@ -97,7 +97,7 @@ def devices(
         emit_json({"host": host.host_facts(), "targets": host.target_table(), "config": str(registry.path),
                    "devices": [{"name": "local", "kind": "local", "reachable": True}] + remote})
         return
-    from edgepipe.pipeline.cli_bench import devices as local_devices
+    from edgepipe.pipeline.cli.bench import devices as local_devices
 
     local_devices(json_=False)
     con = console(stderr=False)
@@ -136,7 +136,7 @@ def devices(
 
 # --------------------------------------------------------------------------------------------- add / remove
 def _parse_env(items: Optional[list[str]]) -> dict:
-    from edgepipe.pipeline.errors import UserError
+    from edgepipe.pipeline.base.errors import UserError
 
     out = {}
     for it in items or []:
@@ -172,9 +172,9 @@ def add(
     config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
     json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    from edgepipe.devices.remote import Registry, make_device
-    from edgepipe.pipeline.cli import console, emit_json
-    from edgepipe.pipeline.errors import UserError
+    from edgepipe.devices.remote.runner import Registry, make_device
+    from edgepipe.pipeline.cli.main import console, emit_json
+    from edgepipe.pipeline.base.errors import UserError
 
     registry = Registry(config)
     dev = make_device(name, url, key=key, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
@@ -183,7 +183,7 @@ def add(
     registry.add(dev, replace=replace)
     info = None
     if not no_check:
-        from edgepipe.devices.remote import make_runner
+        from edgepipe.devices.remote.runner import make_runner
 
         runner = make_runner(dev, registry)
         with runner:
@@ -212,8 +212,8 @@ def remove(
     config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
     json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    from edgepipe.devices.remote import Registry
-    from edgepipe.pipeline.cli import console, emit_json
+    from edgepipe.devices.remote.runner import Registry
+    from edgepipe.pipeline.cli.main import console, emit_json
 
     registry = Registry(config)
     dev = registry.remove(name)

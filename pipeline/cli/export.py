@@ -16,7 +16,7 @@ def _split(s: Optional[str]) -> Optional[list[str]]:
 def _floats(s: Optional[str], flag: str) -> Optional[list[float]]:
     if s is None:
         return None
-    from .errors import UserError
+    from edgepipe.pipeline.base.errors import UserError
 
     try:
         return [float(x) for x in s.replace(" ", ",").split(",") if x]
@@ -60,9 +60,9 @@ def register(app: typer.Typer) -> None:
         eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled set for --max-drop: a folder with one subfolder per class, or 'digits' (default with --calib digits)."),
     ):
         """Convert a model to verified TFLite, ONNX and Core ML artifacts."""
-        from . import export_stage, models
-        from .calibration import make_reader
-        from .errors import UserError
+        from edgepipe.pipeline import export_stage, models
+        from edgepipe.pipeline.calibration import make_reader
+        from edgepipe.pipeline.base.errors import UserError
         from edgepipe.export import ExportOptions
         from edgepipe.export.onnx import ONNX_INT8_MODES
         from edgepipe.export.tflite import INT8_IO
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         req_model = models.resolve(model, weights=weights, input_size=input_size, alpha=alpha, classes=classes,
                                    preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                                    scale=scale, seed=seed, labels_file=labels, trust=trust_model)
-        from edgepipe.devices.base import parse_targets
+        from edgepipe.devices.runtimes.base import parse_targets
 
         fmts = _split(formats)
         if targets is not None and "edgetpu" in parse_targets(targets) and int8:
@@ -93,13 +93,13 @@ def register(app: typer.Typer) -> None:
             verify_samples=verify_samples, use_cache=cache, skipped=skipped, parallel=parallel,
             options=ExportOptions(seed=seed, onnx_int8=onnx_int8, int8_io=int8_io, calib_method=calib_method))
         export_stage.validate(req)
-        from .recover import after_export, summarize as recovery_summary, validate_options  # --max-drop hook
+        from edgepipe.pipeline.recover import after_export, summarize as recovery_summary, validate_options  # --max-drop hook
         eval_spec = validate_options(max_drop, eval_data, data, calib, plan)
-        from .util import unwind_on_sigterm
+        from edgepipe.pipeline.base.util import unwind_on_sigterm
 
         unwind_on_sigterm()
-        from .cli import debug_enabled
-        from .util import converter_chatter_to_log, quiet_tensorflow, stdout_to_stderr
+        from edgepipe.pipeline.cli.main import debug_enabled
+        from edgepipe.pipeline.base.util import converter_chatter_to_log, quiet_tensorflow, stdout_to_stderr
 
         debug = debug_enabled()
         if not debug:
@@ -113,14 +113,14 @@ def register(app: typer.Typer) -> None:
             manifest = export_stage.run_export(req, prog)
             recovery = after_export(req, manifest, max_drop=max_drop, eval_data=eval_spec, progress=prog)
         if json_out:
-            from .cli import emit_json
+            from edgepipe.pipeline.cli.main import emit_json
 
             emit_json(manifest.to_dict())
         else:
             _print_table(manifest, req.folder)
         export_stage.summarize(manifest)
         if require_full_edgetpu:
-            from edgepipe.devices.edgetpu import require_full_edgetpu as gate
+            from edgepipe.devices.graph.edgetpu import require_full_edgetpu as gate
 
             for a in manifest.artifacts:
                 if a.format == "edgetpu" and a.ok:
@@ -134,7 +134,7 @@ class _Progress:
     def __init__(self, quiet: bool = False, file=None):
         from rich.console import Console
 
-        from .cli import console
+        from edgepipe.pipeline.cli.main import console
 
         self.console = Console(file=file, highlight=False) if file is not None else console()
         self.quiet = quiet
@@ -176,7 +176,7 @@ class _Progress:
 def _print_table(m, folder: Path) -> None:
     from rich.table import Table
 
-    from .cli import console
+    from edgepipe.pipeline.cli.main import console
 
     c = console(stderr=False)
     t = Table(title=f"{m.model.name} -> {folder}", title_justify="left")

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .remote import Device, ShellResult, Transport, TransportError, _tail
+from edgepipe.devices.remote.runner import Device, ShellResult, Transport, TransportError, _tail
 
 
 def classify(stderr: str, device: Device, known_hosts: Optional[Path]) -> TransportError:
@@ -185,6 +185,6 @@ class SSHTransport(Transport):
 
 
 def MARK_MISSING(stdout: str) -> bool:  # noqa: N802 - reads as a predicate at the call site
-    from .remote import MARK
+    from edgepipe.devices.remote.runner import MARK
 
     return MARK not in (stdout or "")

@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from edgepipe.pipeline.util import pkg_version
+from edgepipe.pipeline.base.util import pkg_version
 
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).resolve().parent.parent / "onboard" / "agent.py"
 
 # ISA extensions that matter for inference kernels (XNNPACK, onnxruntime's MLAS).
 _X86_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -236,7 +236,7 @@ def _tail(text: str, n: int) -> str:
 
 def target_table(probe: bool = True) -> list[dict]:
     """One row per (runtime, target) this edgepipe knows: available or the reason it is not."""
-    from edgepipe.devices.base import all_runtimes
+    from edgepipe.devices.runtimes.base import all_runtimes
 
     rows = []
     seen = set()

@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
-from .util import pkg_version, write_json_atomic
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.util import pkg_version, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -180,3 +180,32 @@ def load_manifest(path: str | os.PathLike) -> tuple[Manifest, Path]:
     if not isinstance(d, dict) or "model" not in d:
         raise UserError(f"{mp} is not an edgepipe manifest", "Give the folder `edgepipe export` wrote")
     return Manifest.from_dict(d), mp.parent
+
+
+TFLITE_MAGIC = b"TFL3"
+
+
+def artifact_problem(art: Artifact, folder: str | os.PathLike, check_hash: bool = True) -> Optional[str]:
+    """Why an artifact the manifest lists cannot be used (None when its file is there and intact).
+
+    The one integrity check every later stage (bench, eval, check, remote runs) applies: the export
+    produced it, the file exists and is not empty, its sha256 is the manifest's, and a .tflite file
+    is a TFLite flatbuffer.
+    """
+    if art.status not in ("ok", "verify_failed"):
+        return f"export failed: {art.error}" if art.status == "failed" and art.error else f"export {art.status}: no artifact"
+    if not art.path:
+        return f"artifact '{art.id}' has no path in the manifest"
+    p = Path(folder) / art.path
+    if not p.exists():
+        return f"artifact file {art.path} is missing"
+    if p.is_file() and p.stat().st_size == 0:
+        return f"artifact file {art.path} is empty"
+    if check_hash and art.sha256 and sha256_file(p) != art.sha256:
+        return f"{art.path} changed since the export (sha256 differs from the manifest's)"
+    if p.is_file() and p.suffix.lower() == ".tflite":
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+        if len(head) < 8 or head[4:8] != TFLITE_MAGIC:
+            return f"{art.path} is not a TFLite flatbuffer"
+    return None

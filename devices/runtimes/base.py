@@ -16,8 +16,8 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
-from edgepipe.pipeline.errors import UnsupportedArtifact, UserError
-from edgepipe.pipeline.manifest import TensorInfo
+from edgepipe.pipeline.base.errors import UnsupportedArtifact, UserError
+from edgepipe.pipeline.base.manifest import TensorInfo
 
 TARGETS = ("cpu", "gpu", "edgetpu", "reference")
 

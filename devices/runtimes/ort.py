@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from edgepipe.pipeline.manifest import TensorInfo
+from edgepipe.pipeline.base.manifest import TensorInfo
 
-from .base import RunOptions, Runtime, Session
+from edgepipe.devices.runtimes.base import RunOptions, Runtime, Session
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -60,6 +60,6 @@ class ORTCPU(Runtime):
         return ORTSession(Path(path), options or RunOptions())
 
     def versions(self):
-        from edgepipe.pipeline.util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         return {"onnxruntime": pkg_version("onnxruntime", "onnxruntime-gpu")}

@@ -21,12 +21,12 @@ from typing import Optional
 
 import numpy as np
 
-from .base import RunOptions, Runtime, Session
+from edgepipe.devices.runtimes.base import RunOptions, Runtime, Session
 
 
 def _ensure_xdg_runtime_dir() -> None:
     if not os.environ.get("XDG_RUNTIME_DIR"):
-        from .host import agent_env
+        from edgepipe.devices.measure.host import agent_env
 
         os.environ["XDG_RUNTIME_DIR"] = agent_env()["XDG_RUNTIME_DIR"]
 
@@ -35,7 +35,7 @@ def tensorflow_clash() -> Optional[str]:
     """Why the GPU cannot be used in *this* process (software Vulkan + TensorFlow loaded), or None."""
     if "tensorflow" not in sys.modules:
         return None
-    from .host import probe_target
+    from edgepipe.devices.measure.host import probe_target
 
     adapters = probe_target("gpu").get("tflite", {}).get("vulkan_adapters") or []
     if adapters and all(a.get("type") == "cpu" for a in adapters):
@@ -46,10 +46,10 @@ def tensorflow_clash() -> Optional[str]:
 
 class LiteRTGPUSession(Session):
     def __init__(self, path: Path, options: RunOptions):
-        from edgepipe.devices.agent import AgentError, LiteRTCompiledBackend
-        from edgepipe.pipeline.errors import UnsupportedArtifact
+        from edgepipe.devices.onboard.agent import AgentError, LiteRTCompiledBackend
+        from edgepipe.pipeline.base.errors import UnsupportedArtifact
 
-        from .litert import tflite_io
+        from edgepipe.devices.runtimes.litert import tflite_io
 
         why = tensorflow_clash()
         if why:
@@ -82,7 +82,7 @@ class LiteRTGPU(Runtime):
 
     def host_available(self) -> Optional[str]:
         """Whether a fresh process on this host can use the GPU (what `edgepipe bench` needs)."""
-        from .host import probe_target
+        from edgepipe.devices.measure.host import probe_target
 
         p = probe_target("gpu").get("tflite", {})
         if not p.get("available"):
@@ -95,7 +95,7 @@ class LiteRTGPU(Runtime):
 
     def check(self, path, fmt) -> Optional[str]:
         """Reasons about the artifact first (they hold on any host), then about this host."""
-        from edgepipe.devices.agent import _check_static_shapes
+        from edgepipe.devices.onboard.agent import _check_static_shapes
 
         if fmt not in self.formats:
             return f"{self.name} on {self.target} runs {', '.join(self.formats)} artifacts, not {fmt}"
@@ -107,6 +107,6 @@ class LiteRTGPU(Runtime):
         return LiteRTGPUSession(Path(path), options or RunOptions())
 
     def versions(self):
-        from edgepipe.pipeline.util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         return {"ai-edge-litert": pkg_version("ai-edge-litert")}

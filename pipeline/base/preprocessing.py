@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError
+from edgepipe.pipeline.base.errors import UserError
 
 MODES = ("none", "unit", "tf", "caffe", "torch")
 

@@ -6,9 +6,9 @@ from typing import Optional
 
 import numpy as np
 
-from edgepipe.pipeline.manifest import TensorInfo
+from edgepipe.pipeline.base.manifest import TensorInfo
 
-from .base import RunOptions, Runtime, Session
+from edgepipe.devices.runtimes.base import RunOptions, Runtime, Session
 
 
 def import_interpreter():
@@ -84,6 +84,6 @@ class LiteRTCPU(Runtime):
         return LiteRTSession(Path(path), options or RunOptions())
 
     def versions(self):
-        from edgepipe.pipeline.util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         return {"ai-edge-litert": pkg_version("ai-edge-litert"), "tflite-runtime": pkg_version("tflite-runtime")}

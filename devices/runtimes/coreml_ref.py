@@ -59,10 +59,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from edgepipe.pipeline.errors import EdgepipeError, UnsupportedArtifact, UserError
-from edgepipe.pipeline.manifest import TensorInfo
+from edgepipe.pipeline.base.errors import EdgepipeError, UnsupportedArtifact, UserError
+from edgepipe.pipeline.base.manifest import TensorInfo
 
-from .base import RunOptions, Runtime, Session
+from edgepipe.devices.runtimes.base import RunOptions, Runtime, Session
 
 __all__ = [
     "UnsupportedMilOp", "MilFormatError", "MilExecutionError", "MilModel", "IOSpec",
@@ -1901,7 +1901,7 @@ class CoreMLReference(Runtime):
         return CoreMLReferenceSession(Path(path), options or RunOptions())
 
     def versions(self):
-        from edgepipe.pipeline.util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         return {"numpy": np.__version__, "coremltools": pkg_version("coremltools")}
 
@@ -1977,7 +1977,7 @@ class CoreMLNative(Runtime):
         return CoreMLNativeSession(Path(path), options or RunOptions(), self.compute_units)
 
     def versions(self):
-        from edgepipe.pipeline.util import pkg_version
+        from edgepipe.pipeline.base.util import pkg_version
 
         return {"coremltools": pkg_version("coremltools")}
 

@@ -18,8 +18,8 @@ def register(app: typer.Typer) -> None:
 
 # --------------------------------------------------------------------------------------------- devices
 def devices(json_: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
-    from edgepipe.devices import host
-    from edgepipe.pipeline.cli import console, emit_json
+    from edgepipe.devices.measure import host
+    from edgepipe.pipeline.cli.main import console, emit_json
 
     facts = host.host_facts()
     rows = host.target_table()
@@ -79,11 +79,11 @@ def bench(
     config: Optional[str] = typer.Option(None, "--config", help="Device registry (default: $EDGEPIPE_CONFIG, "
                                                                 "else $XDG_CONFIG_HOME/edgepipe/devices.json)."),
 ) -> None:
-    from edgepipe.devices.bench import BenchReport, BenchSettings, resolve_targets, run_bench
-    from edgepipe.devices.report import compare, write_reports
-    from edgepipe.pipeline.cli import console, emit_json
-    from edgepipe.pipeline.errors import StageFailure
-    from edgepipe.pipeline.manifest import find_manifest
+    from edgepipe.devices.measure.bench import BenchReport, BenchSettings, resolve_targets, run_bench
+    from edgepipe.devices.measure.report import compare, write_reports
+    from edgepipe.pipeline.cli.main import console, emit_json
+    from edgepipe.pipeline.base.errors import StageFailure
+    from edgepipe.pipeline.base.manifest import find_manifest
 
     # every check that can fail fast does so before the first measurement
     settings = BenchSettings(
@@ -96,7 +96,7 @@ def bench(
         compare(old, old, threshold)  # raises the UserError for a bad threshold
     out_dir = out or find_manifest(out_or_manifest).parent
     if device:  # unknown device names and a missing binary fail here, before any measurement
-        from edgepipe.devices.remote import Registry, check_benchmark_binary, resolve_devices
+        from edgepipe.devices.remote.runner import Registry, check_benchmark_binary, resolve_devices
 
         resolve_devices(device, Registry(config))
         if benchmark_binary:
@@ -118,7 +118,7 @@ def bench(
                 con.print(f"[{i}/{n}] {row.artifact} on {row.target}{at}: {row.status} {fig}")
 
         if device:
-            from edgepipe.devices.remote import bench_devices
+            from edgepipe.devices.remote.runner import bench_devices
 
             report = bench_devices(out_or_manifest, settings, device, config=config,
                                    benchmark_binary=str(benchmark_binary) if benchmark_binary else None,
@@ -151,7 +151,7 @@ def _print_summary(report, cmp, paths) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edgepipe.devices.report import _agreement_text, _ms, _placement_text
+    from edgepipe.devices.measure.report import _agreement_text, _ms, _placement_text
 
     con = Console(highlight=False)
     if not con.is_terminal:
@@ -194,11 +194,11 @@ def report(
 ) -> None:
     import sys
 
-    from edgepipe.devices.bench import BenchReport
-    from edgepipe.devices.report import compare, render_html, render_markdown
-    from edgepipe.pipeline.cli import emit_json
-    from edgepipe.pipeline.errors import UserError
-    from edgepipe.pipeline.util import write_text_atomic
+    from edgepipe.devices.measure.bench import BenchReport
+    from edgepipe.devices.measure.report import compare, render_html, render_markdown
+    from edgepipe.pipeline.cli.main import emit_json
+    from edgepipe.pipeline.base.errors import UserError
+    from edgepipe.pipeline.base.util import write_text_atomic
 
     if fmt not in ("md", "html"):
         raise UserError(f"unknown report format '{fmt}'", "Use --format md or --format html")

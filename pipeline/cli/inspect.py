@@ -27,7 +27,7 @@ def _quant(t: dict) -> str:
 def render(info: dict, show_ops: bool = False) -> None:
     from rich.table import Table
 
-    from .cli import console
+    from edgepipe.pipeline.cli.main import console
 
     out = console(stderr=False)
     fmt = info["format"]
@@ -98,11 +98,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     ):
         """Show an artifact's ops, quantization and I/O; for TFLite, predicted Edge TPU placement."""
-        from .inspect import inspect_artifact
+        from edgepipe.pipeline.inspect import inspect_artifact
 
         info = inspect_artifact(artifact)
         if json_out:
-            from .cli import emit_json
+            from edgepipe.pipeline.cli.main import emit_json
 
             emit_json(info)
         else:

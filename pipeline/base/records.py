@@ -10,8 +10,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .manifest import SourceModel
-from .preprocessing import Preprocessing
+from edgepipe.pipeline.base.manifest import SourceModel
+from edgepipe.pipeline.base.preprocessing import Preprocessing
 
 
 @dataclass

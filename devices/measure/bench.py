@@ -30,15 +30,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from edgepipe.pipeline.errors import UserError
-from edgepipe.pipeline.manifest import Artifact, Manifest, load_manifest
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.manifest import Artifact, Manifest, load_manifest
 
-from . import host
-from .base import TARGETS
+from edgepipe.devices.measure import host
+from edgepipe.devices.runtimes.base import TARGETS
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "edgepipe-bench"
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).resolve().parent.parent / "onboard" / "agent.py"
 # (agent format, target) pairs the standalone agent measures itself
 AGENT_NATIVE = {("tflite", "cpu"), ("tflite", "gpu"), ("tflite", "edgetpu"), ("onnx", "cpu"), ("onnx", "gpu")}
 BENCH_TARGETS = ("cpu", "gpu", "edgetpu")
@@ -184,7 +184,7 @@ class BenchReport:
         return cls.from_dict(d, source=str(p))
 
     def save(self, path: str | os.PathLike) -> Path:
-        from edgepipe.pipeline.util import write_json_atomic
+        from edgepipe.pipeline.base.util import write_json_atomic
 
         return write_json_atomic(path, self.to_dict())
 
@@ -223,7 +223,7 @@ def _agent_format(art: Artifact, path: Path) -> Optional[str]:
 
 def _preflight(arts: list[Artifact], folder: Path) -> None:
     """Missing or corrupt artifacts the manifest calls good are bad input: fail before measuring."""
-    from edgepipe.pipeline.util import sha256_file
+    from edgepipe.pipeline.base.util import sha256_file
 
     for a in arts:
         if a.status not in ("ok", "verify_failed"):
@@ -250,7 +250,7 @@ def _preflight(arts: list[Artifact], folder: Path) -> None:
 
 
 def _plan(art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[_Job]]:
-    from .base import runtimes_for
+    from edgepipe.devices.runtimes.base import runtimes_for
 
     row = BenchRow(artifact=art.id, format=art.format, precision=art.precision, target=target, runtime="-",
                    status="skipped", path=art.path, size_bytes=art.size_bytes)
@@ -380,7 +380,7 @@ def _command(job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path], 
     spec = dict(common, runtime=job.runtime_name, target=job.row.target, artifact=str(job.path), threads=threads,
                 inputs=str(inputs) if inputs else None, save_outputs=str(outputs) if outputs else None,
                 profile=s.profile, format=job.row.format)
-    return [sys.executable, "-m", "edgepipe.devices.bench", "--worker", json.dumps(spec)]
+    return [sys.executable, "-m", "edgepipe.devices.measure.bench", "--worker", json.dumps(spec)]
 
 
 def _fill(row: BenchRow, d: dict, s: Optional[BenchSettings] = None) -> None:
@@ -501,7 +501,7 @@ ProgressFn = Callable[[str, BenchRow, int, int], None]
 
 def resolve_targets(spec: Optional[str | list[str]]) -> list[str]:
     """'cpu,gpu' or a list -> validated targets ('all' = every device target)."""
-    from .base import parse_targets
+    from edgepipe.devices.runtimes.base import parse_targets
 
     if spec is None:
         return ["cpu"]
@@ -654,13 +654,13 @@ def failed_rows(report: BenchReport) -> list[BenchRow]:
 
 # re-exported for callers: the writers and the comparison live in report.py
 def write_reports(report: BenchReport, out_dir: str | os.PathLike, comparison=None) -> dict[str, Path]:
-    from .report import write_reports as _w
+    from edgepipe.devices.measure.report import write_reports as _w
 
     return _w(report, out_dir, comparison)
 
 
 def compare(old: BenchReport, new: BenchReport, threshold: float = 0.10):
-    from .report import compare as _c
+    from edgepipe.devices.measure.report import compare as _c
 
     return _c(old, new, threshold)
 
@@ -671,8 +671,8 @@ def compare(old: BenchReport, new: BenchReport, threshold: float = 0.10):
 def _worker(spec: dict) -> int:
     import argparse
 
-    from edgepipe.devices import agent
-    from edgepipe.devices.base import Runtime, RunOptions, _load_all
+    from edgepipe.devices.onboard import agent
+    from edgepipe.devices.runtimes.base import Runtime, RunOptions, _load_all
 
     _load_all()
     cls = Runtime.registry.get((spec["runtime"], spec["target"]))
