@@ -5,7 +5,7 @@
 
 For every TFLite / ONNX artifact in the model folder, on the CPU:
 
-* edgepipe: ``edgepipe.pipeline.evaluate.evaluate_file`` — what `edgepipe eval` runs per artifact x
+* edgepipe: ``edgepipe.pipeline.eval_stage.evaluate_file`` — what `edgepipe eval` runs per artifact x
   target: load the session through the runtime seam, quantize the set, run it image by image
   (batch 1), dequantize, compute top-1/top-5/agreement/drops.
 * bare: the loop a user would write by hand over the same preprocessed images already in memory:
@@ -105,7 +105,7 @@ def main() -> int:
 
     from edgepipe.devices.runtimes.base import runtimes_for
     from edgepipe.pipeline.datasets import load_labelled
-    from edgepipe.pipeline.evaluate import classification_metrics, evaluate_file, source_predictions
+    from edgepipe.pipeline.eval_stage import classification_metrics, evaluate_file, source_predictions
     from edgepipe.pipeline.base.manifest import load_manifest
     from edgepipe.pipeline.base.preprocessing import Preprocessing
 

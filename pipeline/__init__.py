@@ -1,6 +1,7 @@
 """edgepipe's stages and library API. The names most users need, importable without TensorFlow:
 
-    from edgepipe.pipeline import compare, load_manifest, Manifest
+    from edgepipe.pipeline import export, bench, evaluate, check, inspect   # one per command
+    from edgepipe.pipeline import compare, load_manifest, Manifest, EvalResult, CheckResult
 
 Names are resolved lazily (PEP 562), so that importing the base layer
 (``edgepipe.pipeline.base``), which every package builds on, never imports the stages.
@@ -12,6 +13,21 @@ from typing import Any
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "export": "edgepipe.pipeline.api",
+    "bench": "edgepipe.pipeline.api",
+    "evaluate": "edgepipe.pipeline.api",
+    "check": "edgepipe.pipeline.api",
+    "inspect": "edgepipe.pipeline.api",
+    "enforce_bench": "edgepipe.pipeline.api",
+    "enforce_eval": "edgepipe.pipeline.api",
+    "enforce_check": "edgepipe.pipeline.api",
+    "EvalResult": "edgepipe.pipeline.base.evaluation",
+    "EvalRow": "edgepipe.pipeline.base.evaluation",
+    "load_eval": "edgepipe.pipeline.base.evaluation",
+    "Budget": "edgepipe.pipeline.gate",
+    "CheckResult": "edgepipe.pipeline.gate",
+    "CheckRow": "edgepipe.pipeline.gate",
+    "GateConfig": "edgepipe.pipeline.gate",
     "EdgepipeError": "edgepipe.pipeline.base.errors",
     "GateFailure": "edgepipe.pipeline.base.errors",
     "UserError": "edgepipe.pipeline.base.errors",

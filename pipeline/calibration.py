@@ -14,8 +14,7 @@ import numpy as np
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.preprocessing import Preprocessing, to_channels
 from edgepipe.pipeline.base.records import Calibration
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from edgepipe.pipeline.images import IMAGE_SUFFIXES, digits_images, digits_split, list_images, load_image
 
 
 class Reader:
@@ -42,23 +41,6 @@ class Reader:
 
     def read(self, n: int, height: int, width: int, channels: int) -> np.ndarray:
         raise NotImplementedError
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def load_image(path: Path, height: int, width: int, channels: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        im = im.resize((width, height), Image.BILINEAR)
-        a = np.asarray(im, dtype=np.float32)
-    if a.ndim == 2:
-        a = a[..., None]
-    return a
 
 
 class FolderReader(Reader):
@@ -112,20 +94,9 @@ class DigitsReader(Reader):
     name = "digits"
 
     def read(self, n, height, width, channels):
-        from PIL import Image
-        from sklearn.datasets import load_digits
-
-        from edgepipe.pipeline.datasets import digit_pixels, digits_split
-
-        d = load_digits()
         train, _ = digits_split()
         rng = np.random.default_rng(self.seed)
-        idx = rng.permutation(train)[:n]
-        out = []
-        for img in digit_pixels(d.images[idx]):
-            im = Image.fromarray(img, "L").resize((width, height), Image.BILINEAR)
-            out.append(np.asarray(im, np.float32)[..., None])
-        return to_channels(np.stack(out), channels)
+        return digits_images(rng.permutation(train)[:n], height, width, channels)
 
 
 class RandomReader(Reader):

@@ -16,11 +16,9 @@ ImageFolder
     Files that fail to decode are skipped and counted; if none decode it is an error.
 
 digits
-    scikit-learn's 1,797 real 8x8 handwritten digits (0-16 intensities), scaled to 0-255,
-    upscaled with Pillow's bilinear filter to the model's input size, converted to its channel
-    count (gray repeated for RGB). Split: ``train_test_split(test_size=0.25, random_state=0,
-    stratify=target)`` -> 1,347 train / 450 test images. Eval uses the test split; the test
-    model in ``tests/digits_model.py`` trains on the train split.
+    scikit-learn's 1,797 real 8x8 handwritten digits at the model's input size and channel count
+    (``edgepipe.pipeline.images``); eval uses the 450 images of the fixed test split, the test
+    model in ``tests/digits_model.py`` trains on the 1,347 of the train split.
 """
 from __future__ import annotations
 
@@ -34,12 +32,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edgepipe.pipeline.calibration import list_images, load_image
 from edgepipe.pipeline.base.errors import UserError
-from edgepipe.pipeline.base.preprocessing import Preprocessing, to_channels
+from edgepipe.pipeline.base.preprocessing import Preprocessing
+from edgepipe.pipeline.images import digits_arrays, list_images, load_image
 
-DIGITS_TEST_SIZE = 0.25
-DIGITS_SPLIT_SEED = 0
 DIGITS_CLASSES = [str(i) for i in range(10)]
 DEFAULT_MIN_SAMPLES = 100
 BUILTIN_SETS = ("digits",)
@@ -79,61 +75,6 @@ class LabelledSet:
         return {"source": self.source, "location": self.location, "split": self.split, "samples": self.n,
                 "available": self.available, "skipped": self.skipped, "skipped_files": self.skipped_files[:10],
                 "classes": len(self.class_names), "mapping": self.mapping, "hash": self.hash}
-
-
-# --------------------------------------------------------------------------- digits
-def digits_split() -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, test indices) into sklearn's load_digits(), fixed and stratified."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    y = load_digits().target
-    idx = np.arange(len(y))
-    tr, te = train_test_split(idx, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED, stratify=y)
-    return tr, te
-
-
-def digit_pixels(images: np.ndarray) -> np.ndarray:
-    """sklearn's 0-16 digit images -> uint8 0-255 (as the calibration `digits` reader does)."""
-    return (np.asarray(images) * (255.0 / 16.0)).astype(np.uint8)
-
-
-def digits_arrays(split: str, height: int, width: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels (N, H, W, C) float32 0-255 and labels of a digits split (train | test | all)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "test", "all"):
-        raise UserError(f"unknown digits split '{split}'", "Use train, test or all")
-    d = load_digits()
-    tr, te = digits_split()
-    idx = {"train": tr, "test": te, "all": np.arange(len(d.target))}[split]
-    px = digit_pixels(d.images[idx])
-    out = np.empty((len(idx), height, width, 1), np.float32)
-    for i, img in enumerate(px):
-        im = Image.fromarray(img, "L").resize((width, height), Image.BILINEAR)
-        out[i, ..., 0] = np.asarray(im, np.float32)
-    return to_channels(out, channels), d.target[idx].astype(np.int64)
-
-
-def write_digits_folder(dest: str | Path, split: str = "test") -> Path:
-    """Write a digits split as an ImageFolder of 8x8 grayscale PNGs (DEST/<digit>/<index>.png).
-
-    Loading it with the folder reader gives exactly the pixels of the built-in `digits` set.
-    """
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    dest = Path(dest)
-    d = load_digits()
-    tr, te = digits_split()
-    idx = {"train": tr, "test": te, "all": np.arange(len(d.target))}[split]
-    px = digit_pixels(d.images[idx])
-    for k in range(10):
-        (dest / str(k)).mkdir(parents=True, exist_ok=True)
-    for i, img in zip(idx, px):
-        Image.fromarray(img, "L").save(dest / str(int(d.target[i])) / f"{int(i):04d}.png")
-    return dest
 
 
 # --------------------------------------------------------------------------- class mapping
@@ -188,7 +129,8 @@ def map_classes(class_names: Sequence[str], num_classes: int, labels_map: Option
     if len(names) != num_classes:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise UserError(f"{what} has {len(names)} classes ({shown}) but the model outputs {num_classes} classes",
-                        "Give --labels-map FILE mapping each class folder to the model's class index")
+                        f"Give --labels-map FILE mapping each class ({names[0]}, ...) to the model's class index, "
+                        f"one 'name index' line per class (e.g. '{names[0]} 0')")
     return {c: i for i, c in enumerate(names)}, "sorted"
 
 
@@ -216,6 +158,18 @@ def load_labelled(spec: str, input_shape: Sequence[int], num_classes: Optional[i
                   seed: int = 0) -> LabelledSet:
     """Load a labelled set at the model's input size. ``spec`` is a folder or 'digits'."""
     check_spec(spec)
+    _check_counts(limit, min_samples, num_classes)
+    shape = tuple(int(x) for x in input_shape[1:])
+    lmap = read_labels_map(labels_map) if labels_map else None
+    if spec in BUILTIN_SETS:
+        ds = _load_digits(shape, int(num_classes), lmap, model_labels, limit)
+    else:
+        ds = _load_folder(Path(spec), shape, int(num_classes), lmap, model_labels, limit, min_samples, seed)
+    _check_size(ds, min_samples)
+    return ds
+
+
+def _check_counts(limit: Optional[int], min_samples: int, num_classes: Optional[int]) -> None:
     if limit is not None and limit < 1:
         raise UserError(f"bad --limit {limit}", "Give a positive number of images")
     if min_samples < 1:
@@ -226,21 +180,20 @@ def load_labelled(spec: str, input_shape: Sequence[int], num_classes: Optional[i
     if not num_classes or num_classes < 2:
         raise UserError("the model is not a classifier (its output is not a (1, K) class vector)",
                         "edgepipe eval measures top-1/top-5 accuracy of image classifiers")
-    _, h, w, c = [int(x) for x in input_shape]
-    lmap = read_labels_map(labels_map) if labels_map else None
 
-    if spec in BUILTIN_SETS:
-        index, mode = map_classes(DIGITS_CLASSES, num_classes, lmap, model_labels, what="the digits set")
-        raw, y = digits_arrays("test", h, w, c)
-        labels = np.array([index[str(int(v))] for v in y], np.int64)
-        available = len(labels)
-        if limit is not None and limit < available:
-            raw, labels = raw[:limit], labels[:limit]  # the split is already shuffled and stratified
-        ds = LabelledSet(raw, labels, "digits", None, "test", DIGITS_CLASSES, index, mode, 0, [], available)
-        _check_size(ds, min_samples)
-        return ds
 
-    root = Path(spec)
+def _load_digits(shape: tuple, num_classes: int, lmap: Optional[dict], model_labels, limit) -> LabelledSet:
+    index, mode = map_classes(DIGITS_CLASSES, num_classes, lmap, model_labels, what="the digits set")
+    raw, y = digits_arrays("test", *shape)
+    labels = np.array([index[str(int(v))] for v in y], np.int64)
+    available = len(labels)
+    if limit is not None and limit < available:
+        raw, labels = raw[:limit], labels[:limit]  # the split is already shuffled and stratified
+    return LabelledSet(raw, labels, "digits", None, "test", DIGITS_CLASSES, index, mode, 0, [], available)
+
+
+def _load_folder(root: Path, shape: tuple, num_classes: int, lmap: Optional[dict], model_labels, limit,
+                 min_samples: int, seed: int) -> LabelledSet:
     dirs = _class_dirs(root)
     if not dirs:
         loose = list_images(root)
@@ -250,9 +203,7 @@ def load_labelled(spec: str, input_shape: Sequence[int], num_classes: Optional[i
         raise UserError(f"no images in {root}", f"Put images in {root}/<class>/ folders (one per class)")
     names = [d.name for d in dirs]
     index, mode = map_classes(names, num_classes, lmap, model_labels, what=str(root))
-    files: list[tuple[Path, int]] = []
-    for d in dirs:
-        files.extend((f, index[d.name]) for f in list_images(d))
+    files = [(f, index[d.name]) for d in dirs for f in list_images(d)]
     if not files:
         raise UserError(f"no images in the {len(dirs)} class folders of {root}",
                         "Put .jpg/.png/... images in each class folder")
@@ -266,17 +217,15 @@ def load_labelled(spec: str, input_shape: Sequence[int], num_classes: Optional[i
     raw, labels, skipped = [], [], []
     for f, k in files:
         try:
-            raw.append(load_image(f, h, w, c))
+            raw.append(load_image(f, *shape))
             labels.append(k)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an undecodable file is skipped and counted
             skipped.append(str(f.relative_to(root)))
     if not raw:
         raise UserError(f"none of the {len(files)} images in {root} could be decoded",
                         f"Check the files are valid images (first: {skipped[0]})")
-    ds = LabelledSet(np.stack(raw).astype(np.float32), np.asarray(labels, np.int64), "folder",
-                     str(root.resolve()), None, names, index, mode, len(skipped), skipped, available)
-    _check_size(ds, min_samples)
-    return ds
+    return LabelledSet(np.stack(raw).astype(np.float32), np.asarray(labels, np.int64), "folder",
+                       str(root.resolve()), None, names, index, mode, len(skipped), skipped, available)
 
 
 def _small_hint(n: int) -> str:

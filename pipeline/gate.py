@@ -14,19 +14,26 @@ Rows
     * ``require_verified``: one row per artifact, fail unless verification passed;
     * ``require_full_edgetpu``: one row per artifact carrying ``extra["edgetpu"]``, fail when
       any op would run on the CPU (``edgepipe.devices.edgetpu.require_full_edgetpu``).
-The gate fails (``GateFailure``, exit 1) when any row fails. numpy-free, TensorFlow-free.
+The gate fails (``GateFailure``, exit 1) when any row fails. Before any row, the baseline is
+checked: a source model that does no better than guessing on the eval set (wrong class mapping
+or preprocessing, almost always) makes every drop meaningless, so check refuses it (exit 2),
+unless the model is untrained on purpose (a built-in exported with ``--weights none``), where
+it warns instead. numpy-free, TensorFlow-free.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from edgepipe.devices.graph.edgetpu import require_full_edgetpu
+from edgepipe.export.base import PRECISIONS
 from edgepipe.pipeline.base.errors import GateFailure, UserError
-from edgepipe.pipeline.evaluate import METRIC_LABELS, METRICS, load_eval
+from edgepipe.pipeline.base.evaluation import METRIC_LABELS, METRICS, EvalResult, EvalRow, load_eval
 from edgepipe.pipeline.base.manifest import Manifest, load_manifest
 from edgepipe.pipeline.base.util import write_text_atomic
 
@@ -45,8 +52,15 @@ class Budget:
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}'", f"Use one of: {', '.join(METRICS)}")
         for k, v in [("default", self.max_drop), *self.overrides.items()]:
-            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
-                raise UserError(f"bad max drop {v!r} for {k}", "Give a non-negative number of percentage points")
+            flag = "--max-drop" if k == "default" else f"--max-drop-for {k}="
+            shown = f"{flag} {v}" if k == "default" else f"{flag}{v}"
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+                raise UserError(f"{shown} is not a number of percentage points",
+                                "Give the largest allowed drop, e.g. --max-drop 1.0")
+            if v < 0:
+                raise UserError(f"{shown} is negative: a budget is the largest drop allowed, in points, "
+                                "so a negative one could never pass",
+                                "Give 0 or more, e.g. --max-drop 1.0 (one point of top-1)")
 
     def for_artifact(self, artifact_id: str, fmt: str, precision: str) -> tuple[float, str]:
         """(budget, where it came from)."""
@@ -61,6 +75,7 @@ class GateConfig:
     budgets: list[Budget] = field(default_factory=lambda: [Budget()])
     require_verified: bool = False
     require_full_edgetpu: bool = False
+    allow_chance_source: bool = False  # gate even when the source model does not beat guessing on the set
 
 
 @dataclass
@@ -93,6 +108,8 @@ class CheckResult:
     dataset: dict
     config: GateConfig
     rows: list[CheckRow]
+    warnings: list[str] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)  # report files written (JUnit, Markdown, step summary)
 
     @property
     def failed(self) -> list[CheckRow]:
@@ -107,7 +124,7 @@ class CheckResult:
                 "failed": len(self.failed), "checks": len(self.rows),
                 "skipped": sum(r.status == "skipped" for r in self.rows),
                 "dataset": self.dataset, "config": asdict(self.config),
-                "rows": [asdict(r) | {"name": r.name} for r in self.rows]}
+                "rows": [asdict(r) | {"name": r.name} for r in self.rows], "warnings": list(self.warnings)}
 
     def summary_line(self) -> str:
         n = len([r for r in self.rows if r.status != "skipped"])
@@ -119,18 +136,19 @@ class CheckResult:
 # --------------------------------------------------------------------------- parsing
 def parse_overrides(items: Optional[Sequence[str]], m: Optional[Manifest] = None) -> dict[str, float]:
     """["int8=1.5", "onnx-int8=2"] -> {"int8": 1.5, "onnx-int8": 2.0}; selectors checked against the manifest."""
-    from edgepipe.export.base import PRECISIONS
-
     out: dict[str, float] = {}
     for raw in items or []:
         for item in (s.strip() for s in raw.split(",")):
             if not item:
                 continue
-            mt = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*=\s*([0-9]*\.?[0-9]+)", item)
+            mt = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*=\s*(-?[0-9]*\.?[0-9]+)", item)
             if not mt:
                 raise UserError(f"malformed --max-drop-for '{item}'",
                                 "Write SELECTOR=POINTS, e.g. --max-drop-for int8=1.5 (selector: precision, format or artifact id)")
             key, val = mt.group(1), float(mt.group(2))
+            if val < 0:
+                raise UserError(f"--max-drop-for {item} is negative: a budget is the largest drop allowed, in points",
+                                "Give 0 or more, e.g. --max-drop-for int8=1.5")
             if m is not None:
                 known = set(PRECISIONS) | {a.format for a in m.artifacts} | {a.id for a in m.artifacts}
                 if key not in known:
@@ -149,44 +167,22 @@ def parse_metrics(spec: Optional[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the gate
-def _target(r: dict) -> Optional[str]:
-    """An eval row's target; ``target@device`` for rows evaluated on a remote device."""
-    t = r.get("target")
-    return f"{t or '-'}@{r['device']}" if r.get("device") not in (None, "local") else t
-
-
 def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
     m, folder = load_manifest(model_dir)
     ev, ev_path = load_eval(folder)
     _check_fresh(m, ev, ev_path)
+    warnings = _check_baseline(m, ev, config.allow_chance_source)
+    by_art: dict[str, list[EvalRow]] = {}
+    for r in ev.results:
+        by_art.setdefault(r.artifact, []).append(r)
     rows: list[CheckRow] = []
-    by_art: dict[str, list[dict]] = {}
-    for r in ev.get("results", []):
-        by_art.setdefault(r["artifact"], []).append(r)
-    source = ev["source"]
     for a in m.artifacts:
         if not a.path:
             rows.append(CheckRow(a.id, a.format, a.precision, "export", status="fail",
                                  reason=f"export failed: {a.error or a.status}"))
             continue
         for r in by_art.get(a.id, []):
-            if r["status"] == "skipped":
-                rows.append(CheckRow(a.id, a.format, a.precision, "eval", _target(r), r.get("runtime"),
-                                     status="skipped", reason=r.get("reason")))
-                continue
-            if r["status"] != "ok":
-                rows.append(CheckRow(a.id, a.format, a.precision, "eval", _target(r), r.get("runtime"),
-                                     status="fail", reason=f"evaluation failed: {r.get('reason')}"))
-                continue
-            for b in config.budgets:
-                budget, origin = b.for_artifact(a.id, a.format, a.precision)
-                src_v = 100.0 if b.metric == "agreement" else source[b.metric]
-                drop = r["drop"][b.metric]
-                ok = drop <= budget + EPS
-                reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {_pts(budget)} points"
-                                          f" ({r.get('lost', 0)} images lost, {r.get('gained', 0)} gained)")
-                rows.append(CheckRow(a.id, a.format, a.precision, b.metric, _target(r), r.get("runtime"),
-                                     src_v, r[b.metric], drop, budget, origin, "pass" if ok else "fail", reason))
+            rows.extend(_eval_rows(a, r, ev.source or {}, config))
         if config.require_verified:
             v = a.verification
             ok = v.status == "passed"
@@ -194,13 +190,36 @@ def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
                                  reason=None if ok else f"verification {v.status}" + (f": {v.reason}" if v.reason else "")))
     if config.require_full_edgetpu:
         rows.extend(_edgetpu_rows(m))
-    return CheckResult(m.model.name, str(folder), ev.get("dataset", {}), config, rows)
+    return CheckResult(m.model.name, str(folder), ev.dataset, config, rows, warnings)
 
 
-def _check_fresh(m: Manifest, ev: dict, ev_path: Path) -> None:
-    evaluated = {}
-    for r in ev.get("results", []):
-        evaluated.setdefault(r["artifact"], r.get("sha256"))
+def _eval_rows(a, r: EvalRow, source: dict, config: GateConfig) -> list[CheckRow]:
+    """One eval row -> its check rows: skipped, failed evaluation, or one per budget."""
+    if r.status == "skipped":
+        return [CheckRow(a.id, a.format, a.precision, "eval", r.where, r.runtime, status="skipped", reason=r.reason)]
+    if r.status != "ok":
+        return [CheckRow(a.id, a.format, a.precision, "eval", r.where, r.runtime, status="fail",
+                         reason=f"evaluation failed: {r.reason}")]
+    out = []
+    for b in config.budgets:
+        budget, origin = b.for_artifact(a.id, a.format, a.precision)
+        src_v = 100.0 if b.metric == "agreement" else source[b.metric]
+        drop = r.drop[b.metric]
+        ok = drop <= budget + EPS
+        reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {_pts(budget)} points"
+                                  f" ({r.lost or 0} images lost, {r.gained or 0} gained)")
+        out.append(CheckRow(a.id, a.format, a.precision, b.metric, r.where, r.runtime, src_v, getattr(r, b.metric),
+                            drop, budget, origin, "pass" if ok else "fail", reason))
+    return out
+
+
+def _check_fresh(m: Manifest, ev: EvalResult, ev_path: Path) -> None:
+    if ev.source is None:
+        raise UserError(f"{ev_path} evaluated a standalone file, without a source model to compare with",
+                        f"Run `edgepipe eval {ev_path.parent} --data ...` on the export folder first")
+    evaluated: dict[str, Optional[str]] = {}
+    for r in ev.results:
+        evaluated.setdefault(r.artifact, r.sha256)
     for a in m.artifacts:
         if not a.path:
             continue
@@ -212,9 +231,23 @@ def _check_fresh(m: Manifest, ev: dict, ev_path: Path) -> None:
                             f"Re-run `edgepipe eval {ev_path.parent} --data ...`")
 
 
-def _edgetpu_rows(m: Manifest) -> list[CheckRow]:
-    from edgepipe.devices.graph.edgetpu import require_full_edgetpu
+def _check_baseline(m: Manifest, ev: EvalResult, allow: bool = False) -> list[str]:
+    """Refuse a source model at chance level on the eval set (warn for an untrained built-in)."""
+    why = ev.at_chance()
+    if why is None:
+        return []
+    if not m.model.trained:
+        return [f"{why}: expected, the source model is untrained (exported with --weights none), so the drops "
+                "only measure what conversion changes"]
+    if allow:
+        return [f"{why}: gating anyway (--allow-chance-source)"]
+    raise UserError(f"{why}, so every drop against it is meaningless (eval data: {_dataset_line(ev.dataset)})",
+                    "The labels probably do not match the model's classes, or the preprocessing is wrong: check "
+                    "`eval --labels-map` (or `export --labels`) and `export --preprocess`, then re-run `edgepipe eval` "
+                    "(or pass --allow-chance-source to gate on this baseline anyway)")
 
+
+def _edgetpu_rows(m: Manifest) -> list[CheckRow]:
     rows = []
     for a in m.artifacts:
         report = (a.extra or {}).get("edgetpu")
@@ -237,9 +270,12 @@ def _edgetpu_rows(m: Manifest) -> list[CheckRow]:
 
 
 # --------------------------------------------------------------------------- reports
-def _pts(v: float) -> str:
+def points_text(v: float) -> str:
     """1 -> '1.0', 1.25 -> '1.25': budgets as the user wrote them, never '1 points'."""
     return f"{v:.1f}" if abs(v * 10 - round(v * 10)) < 1e-9 else f"{v:g}"
+
+
+_pts = points_text
 
 
 def _fmt(v: Optional[float], nd: int = 2) -> str:
@@ -278,6 +314,8 @@ def render_markdown(res: CheckResult) -> str:
         budget = "-" if r.budget is None else _pts(r.budget) + (f" ({r.budget_from})" if r.budget_from not in (None, "default") else "")
         lines.append(f"| {r.artifact} | {r.target or '-'} | {METRIC_LABELS.get(r.check, r.check)} | "
                      f"{_fmt(r.source_value)} | {_fmt(r.artifact_value)} | {_fmt(r.drop)} | {budget} | {icon[r.status]} |")
+    for w in res.warnings:
+        lines[2:2] = [f"> ⚠️ **warning:** {_md_escape(w)}", ""]
     notes = [r for r in res.rows if r.reason and r.status != "pass"]
     if notes:
         lines.append("")
@@ -291,8 +329,6 @@ def _md_escape(s: str) -> str:
 
 
 def render_junit(res: CheckResult) -> str:
-    import xml.etree.ElementTree as ET
-
     n_fail = len(res.failed)
     n_skip = sum(r.status == "skipped" for r in res.rows)
     suites = ET.Element("testsuites", name="edgepipe check", tests=str(len(res.rows)), failures=str(n_fail),

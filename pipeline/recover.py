@@ -127,7 +127,7 @@ def recover_int8(req, manifest: Manifest, budget: float, eval_data: str, *, metr
     from edgepipe.pipeline import models, trace as trace_mod
     from edgepipe.pipeline.calibration import calibrate
     from edgepipe.pipeline.datasets import DEFAULT_MIN_SAMPLES, load_labelled
-    from edgepipe.pipeline.evaluate import (METRICS, classification_metrics, keras_predictor, source_predictions)
+    from edgepipe.pipeline.eval_stage import (METRICS, classification_metrics, keras_predictor, source_predictions)
 
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'", f"Use one of: {', '.join(METRICS)}")
@@ -158,16 +158,18 @@ def recover_int8(req, manifest: Manifest, budget: float, eval_data: str, *, metr
         return ctx["calibration"]
 
     def measure(path: Path, fmt: str) -> dict:
-        from edgepipe.pipeline.evaluate import evaluate_file
+        from edgepipe.pipeline.eval_artifacts import EvalContext, evaluate_file
+        from edgepipe.pipeline.base.evaluation import EvalRow
         from edgepipe.pipeline.verify import checker_for
         from edgepipe.devices.runtimes.base import Runtime, _load_all
 
         _load_all()
         rt = Runtime.registry[checker_for(fmt)]()
-        row = evaluate_file(path, fmt, rt, ds, data, source, src_pred, int(src.num_classes))
-        if row["status"] != "ok":
-            return {"drop": None, "error": row.get("reason"), "runtime": rt.name}
-        return {"drop": row["drop"][metric], "top1": row["top1"], "agreement": row["agreement"], "runtime": rt.name}
+        ctx = EvalContext(ds, data, int(src.num_classes), source, src_pred)
+        row = evaluate_file(path, fmt, rt, EvalRow(artifact=path.name, format=fmt), ctx)
+        if row.status != "ok":
+            return {"drop": None, "error": row.reason, "runtime": rt.name}
+        return {"drop": row.drop[metric], "top1": row.top1, "agreement": row.agreement, "runtime": rt.name}
 
     work = folder / ".recover"
     try:

@@ -24,6 +24,20 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """A fresh $EDGEPIPE_CACHE_DIR under this session's temp dir: exports and the trained digits
+    model (tests/digits_model.py, trained once per session) never come from an earlier run's cache."""
+    d = tmp_path_factory.mktemp("edgepipe-cache")
+    old = os.environ.get("EDGEPIPE_CACHE_DIR")
+    os.environ["EDGEPIPE_CACHE_DIR"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("EDGEPIPE_CACHE_DIR", None)
+    else:
+        os.environ["EDGEPIPE_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_keras_files(tmp_path_factory):
     """A small CNN saved as .keras, legacy .h5 and a SavedModel folder."""

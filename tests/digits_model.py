@@ -4,10 +4,12 @@ Architecture: 3x3 stride-2 conv stem, four depthwise-separable blocks (depthwise
 pointwise 1x1 + BN + ReLU6), global average pooling, dropout, softmax over 10 classes. Input
 32x32x1 grayscale; preprocessing `unit` (x / 255), i.e. export with `--preprocess unit`.
 
-Trained on the digits *train* split of ``edgepipe.pipeline.datasets`` (the same upscaling eval
+Trained on the digits *train* split of ``edgepipe.pipeline.images`` (the same upscaling eval
 uses), with a fixed seed. It reaches ~98% top-1 on the test split in ~15-30 s on 2 cores and is
 cached as a .keras file in ``$EDGEPIPE_CACHE_DIR/test-models`` (else ``~/.cache/edgepipe/test-models``)
-under a name that hashes this file and the TensorFlow/Keras versions, so later runs load it at once.
+under a name that hashes this file and the TensorFlow/Keras versions. Under pytest, conftest.py points
+$EDGEPIPE_CACHE_DIR at the session's temp dir, so it is trained once per test session and no test
+depends on what an earlier run left behind.
 
     from digits_model import digits_model_path   # tests/ is on sys.path under pytest
     path = digits_model_path()                   # trains on the first call only
@@ -83,7 +85,7 @@ def train(dest: Path) -> dict:
     import keras
     import numpy as np
 
-    from edgepipe.pipeline.datasets import digits_arrays
+    from edgepipe.pipeline.images import digits_arrays
 
     t0 = time.perf_counter()
     keras.utils.set_random_seed(SEED)

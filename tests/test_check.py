@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_model  # noqa: E402
 from conftest import run_cli  # noqa: E402
 
-from edgepipe.pipeline import datasets  # noqa: E402
+from edgepipe.pipeline import images  # noqa: E402
+from edgepipe.pipeline.base.evaluation import EVAL_NAME, drops  # noqa: E402
 from edgepipe.pipeline.cli.main import main  # noqa: E402
-from edgepipe.pipeline.evaluate import EVAL_NAME, drops  # noqa: E402
 from edgepipe.pipeline.base.manifest import Artifact, Manifest, SourceModel, Verification, load_manifest  # noqa: E402
 from edgepipe.pipeline.base.util import sha256_file  # noqa: E402
 
@@ -102,10 +102,11 @@ def test_overrides_most_specific_wins(tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["--max-drop-for", "int8"], "malformed --max-drop-for 'int8'"),
     (["--max-drop-for", "int8=lots"], "malformed --max-drop-for"),
-    (["--max-drop-for", "int8=-1"], "malformed --max-drop-for"),
+    (["--max-drop-for", "int8=-1"], "--max-drop-for int8=-1 is negative"),
     (["--max-drop-for", "int9=1"], "'int9' matches no precision, format or artifact"),
     (["--metric", "top3"], "unknown metric 'top3'"),
-    (["--max-drop", "-1"], "bad max drop"),
+    (["--max-drop", "-1"], "--max-drop -1.0 is negative: a budget is the largest drop allowed"),
+    (["--max-drop", "nan"], "--max-drop nan is not a number"),
 ])
 def test_bad_options_exit_2(tmp_path, capsys, args, needle):
     folder = _setup(tmp_path, [_row("tflite-int8"), _row("onnx-int8"), _row("tflite-fp16")])
@@ -229,7 +230,7 @@ def digits(tmp_path_factory):
     d = tmp_path_factory.mktemp("digits_check")
     model = d / "digits.keras"
     model.write_bytes(digits_model.digits_model_path().read_bytes())
-    datasets.write_digits_folder(d / "train_png", "train")
+    images.write_digits_folder(d / "train_png", "train")
     return d
 
 

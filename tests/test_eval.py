@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_model  # noqa: E402  (tests/ helper)
 from conftest import run_cli  # noqa: E402
 
-from edgepipe.pipeline import datasets  # noqa: E402
-from edgepipe.pipeline.cli.main import main  # noqa: E402
+from edgepipe.pipeline import datasets, images  # noqa: E402
 from edgepipe.pipeline.base.errors import UserError  # noqa: E402
-from edgepipe.pipeline.evaluate import classification_metrics, drops, load_eval  # noqa: E402
+from edgepipe.pipeline.base.evaluation import classification_metrics, drops, load_eval  # noqa: E402
 from edgepipe.pipeline.base.manifest import Manifest, SourceModel  # noqa: E402
+from edgepipe.pipeline.cli.main import main  # noqa: E402
 
 
 def _err_line(capsys) -> str:
@@ -47,8 +47,8 @@ def _fake_manifest(folder: Path, classes: int = 10, shape=(1, 16, 16, 1), labels
 
 # --------------------------------------------------------------------------- datasets
 def test_digits_split_is_fixed_stratified_and_disjoint():
-    tr, te = datasets.digits_split()
-    tr2, te2 = datasets.digits_split()
+    tr, te = images.digits_split()
+    tr2, te2 = images.digits_split()
     assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
     assert len(tr) == 1347 and len(te) == 450
     assert not set(tr) & set(te)
@@ -70,7 +70,7 @@ def test_digits_set_at_model_size_and_channels():
 
 
 def test_imagefolder_of_digit_pngs_equals_builtin_digits(tmp_path):
-    root = datasets.write_digits_folder(tmp_path / "digits_test", "test")
+    root = images.write_digits_folder(tmp_path / "digits_test", "test")
     a = datasets.load_labelled(str(root), [1, 32, 32, 1], 10)
     b = datasets.load_labelled("digits", [1, 32, 32, 1], 10)
     key = lambda ds: sorted((int(l), r.tobytes()) for l, r in zip(ds.labels, ds.raw))
@@ -215,7 +215,7 @@ def digits_export(tmp_path_factory):
     d = tmp_path_factory.mktemp("digits_eval")
     model = d / "digits.keras"
     model.write_bytes(digits_model.digits_model_path().read_bytes())
-    calib = datasets.write_digits_folder(d / "train_png", "train")
+    calib = images.write_digits_folder(d / "train_png", "train")
     res = run_cli("export", str(model), "--preprocess", "unit", "--int8", "--data", str(calib),
                   "--formats", "tflite,onnx,coreml", "--out", str(d / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -226,7 +226,7 @@ def _eval_json(folder: Path, *args: str) -> dict:
     res = run_cli("eval", str(folder), *args, "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
-    assert out == load_eval(folder)[0]
+    assert out == load_eval(folder)[0].to_dict()
     return out
 
 
@@ -271,7 +271,7 @@ def test_second_eval_reuses_source_predictions_without_tensorflow(digits_export)
 
 @pytest.mark.slow
 def test_imagefolder_eval_matches_digits_eval(digits_export, tmp_path):
-    root = datasets.write_digits_folder(tmp_path / "test_png", "test")
+    root = images.write_digits_folder(tmp_path / "test_png", "test")
     a = _eval_json(digits_export, "--data", "digits", "--targets", "cpu")
     b = _eval_json(digits_export, "--data", str(root), "--targets", "cpu")
     assert b["dataset"]["source"] == "folder" and b["dataset"]["samples"] == 450

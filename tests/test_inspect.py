@@ -12,7 +12,7 @@ import pytest
 
 from edgepipe.pipeline.cli.main import main
 from edgepipe.pipeline.base.errors import UserError
-from edgepipe.pipeline.inspect import inspect_artifact
+from edgepipe.pipeline.inspect_stage import inspect_artifact
 
 
 def _tflite(model, path: Path, io: str = "int8") -> Path:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from edgepipe.devices.remote.runner import Registry, TransportError, make_device, predict_on_device
-from edgepipe.pipeline.evaluate import EvalRequest, evaluate, load_eval
+from edgepipe.pipeline.base.evaluation import load_eval
+from edgepipe.pipeline.eval_stage import EvalRequest, evaluate
 from test_remote_ssh import free_port, needs_openssh, sshd  # noqa: F401  (the module-scoped sshd fixture)
 
 pytestmark = needs_openssh
@@ -57,13 +58,13 @@ def onnx_source(folder: Path):
 def run_eval(folder: Path, cfg: Path, device=None) -> dict:
     req = EvalRequest(folder, "digits", targets=None if device else "cpu", limit=120,
                       device=device, config=str(cfg))
-    return evaluate(req, predictor=onnx_source(folder))
+    return evaluate(req, predictor=onnx_source(folder)).to_dict()
 
 
 def test_device_eval_equals_local_eval(export, cfg, tmp_path):
     local = run_eval(export, cfg)
     remote = run_eval(export, cfg, device="box")
-    assert load_eval(export)[0] == json.loads(json.dumps(remote))  # eval.json is the device run
+    assert load_eval(export)[0].to_dict() == json.loads(json.dumps(remote))  # eval.json is the device run
     assert remote["device"] == "box" and local["device"] == "local"
     loc = {r["artifact"]: r for r in local["results"] if r["target"] == "cpu"}
     rem = {r["artifact"]: r for r in remote["results"]}
@@ -82,7 +83,9 @@ def test_device_eval_equals_local_eval(export, cfg, tmp_path):
     # edgepipe check shows where each row ran
     from edgepipe.pipeline.gate import Budget, GateConfig, run_check
 
-    res = run_check(export, GateConfig([Budget("agreement", 100.0, {})]))
+    # the tiny export's random-weight model guesses (its baseline is at chance): gate on it anyway
+    res = run_check(export, GateConfig([Budget("agreement", 100.0, {})], allow_chance_source=True))
+    assert res.warnings and "gating anyway" in res.warnings[0]
     targets = {r.target for r in res.rows if r.check in ("agreement", "eval")}
     assert "cpu@box" in targets and all(t.endswith("@box") for t in targets if t), targets
 

@@ -1,7 +1,6 @@
 """`edgepipe devices` (list), `edgepipe devices add`, `edgepipe devices remove`.
 
-`edgepipe devices` lists this host's targets (as before: cli_bench.devices) and then every registered
-device: reachable or why not, its CPU/ABI, Python and runtime versions, and which targets it offers,
+`edgepipe devices` lists this host's targets and then every registered device: reachable or why not, its CPU/ABI, Python and runtime versions, and which targets it offers,
 each with the reason where it does not. The registry is devices/remote.py's (``--config PATH``,
 ``$EDGEPIPE_CONFIG``, or ``$XDG_CONFIG_HOME/edgepipe/devices.json``). Never imports TensorFlow.
 """
@@ -10,6 +9,12 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.console import Console
+
+from edgepipe.devices.measure import host
+from edgepipe.devices.remote.runner import Registry, make_device, make_runner
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.cli.common import console, emit_json, table
 
 _CONFIG_HELP = "Device registry file (default: $EDGEPIPE_CONFIG, else $XDG_CONFIG_HOME/edgepipe/devices.json)."
 
@@ -51,8 +56,6 @@ def describe(runner) -> dict:
 
 
 def probe_device(dev, registry, benchmark_binary: Optional[str] = None) -> dict:
-    from edgepipe.devices.remote.runner import make_runner
-
     runner = make_runner(dev, registry, benchmark_binary)
     with runner:
         return describe(runner)
@@ -80,10 +83,6 @@ def devices(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from edgepipe.devices.measure import host
-    from edgepipe.devices.remote.runner import Registry
-    from edgepipe.pipeline.cli.main import console, emit_json
-
     registry = Registry(config)
     remote = []
     for name in sorted(registry.devices):
@@ -97,19 +96,44 @@ def devices(
         emit_json({"host": host.host_facts(), "targets": host.target_table(), "config": str(registry.path),
                    "devices": [{"name": "local", "kind": "local", "reachable": True}] + remote})
         return
-    from edgepipe.pipeline.cli.bench import devices as local_devices
-
-    local_devices(json_=False)
     con = console(stderr=False)
+    print_local(con, host.host_facts(), host.target_table())
     if not remote:
         con.print(f"No remote devices registered ({registry.path}). Add one with "
                   f"`edgepipe devices add NAME ssh://user@host` or `adb://SERIAL`.", soft_wrap=True)
         return
-    from rich.table import Table
+    print_remote(con, remote, str(registry.path))
 
-    t = Table(title=f"Registered devices ({registry.path})", show_lines=False)
-    for c in ("Device", "Address", "Reachable", "CPU / ABI", "Python", "Runtimes", "Targets offered"):
-        t.add_column(c, overflow="fold")
+
+def print_local(con: Console, facts: dict, rows: list[dict]) -> None:
+    """This host: CPU, memory, OS, then one row per (target, runtime): available, or why not."""
+    cpu = facts["cpu"]
+    con.print(f"[bold]{cpu['model']}[/] ({cpu['arch']}), {cpu['usable_cores']} usable of {cpu['logical_cores']} "
+              f"logical cores, {(facts.get('memory_bytes') or 0) / 2**30:.1f} GiB · {facts['os']}", soft_wrap=True)
+    if cpu.get("isa"):
+        con.print(f"ISA: {', '.join(cpu['isa'])}", soft_wrap=True)
+    t = table("Target", "Runtime", "Formats", "Status", "Versions / reason")
+    for r in rows:
+        vers = ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())
+        status = "[green]available[/]" if r["available"] else "[yellow]unavailable[/]"
+        detail = vers if r["available"] else (r.get("reason") or "")
+        if r["available"] and r.get("details", {}).get("note"):
+            detail += f"\n{r['details']['note']}"
+        t.add_row(r["target"], r["runtime"], ",".join(r["formats"]), status, detail)
+    con.print(t)
+    for r in rows:
+        for a in (r.get("details") or {}).get("vulkan_adapters", []) or []:
+            con.print(f"Vulkan adapter: {a['name']} ({a['type']}, Vulkan {a['vulkan']})")
+    for g in facts.get("nvidia_gpus") or []:
+        con.print(f"NVIDIA GPU: {g['name']} (driver {g['driver']}, {g['memory']})")
+    for d in facts.get("edgetpu_devices") or []:
+        con.print(f"Edge TPU: {d['name']} ({d.get('id') or d.get('path')})")
+
+
+def print_remote(con: Console, remote: list[dict], where: str) -> None:
+    """One row per registered device: reachable or why not, CPU/ABI, Python, runtimes, targets offered."""
+    t = table("Device", "Address", "Reachable", "CPU / ABI", "Python", "Runtimes", "Targets offered",
+              title=f"Registered devices ({where})", show_lines=False)
     notes = []
     for d in remote:
         if d.get("reachable") is None:
@@ -136,8 +160,6 @@ def devices(
 
 # --------------------------------------------------------------------------------------------- add / remove
 def _parse_env(items: Optional[list[str]]) -> dict:
-    from edgepipe.pipeline.base.errors import UserError
-
     out = {}
     for it in items or []:
         k, sep, v = it.partition("=")
@@ -172,10 +194,6 @@ def add(
     config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
     json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    from edgepipe.devices.remote.runner import Registry, make_device
-    from edgepipe.pipeline.cli.main import console, emit_json
-    from edgepipe.pipeline.base.errors import UserError
-
     registry = Registry(config)
     dev = make_device(name, url, key=key, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
                       python=python, tmpdir=tmpdir, env=_parse_env(env), benchmark_binary=benchmark_binary, via=via,
@@ -183,8 +201,6 @@ def add(
     registry.add(dev, replace=replace)
     info = None
     if not no_check:
-        from edgepipe.devices.remote.runner import make_runner
-
         runner = make_runner(dev, registry)
         with runner:
             info = describe(runner)
@@ -212,9 +228,6 @@ def remove(
     config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
     json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    from edgepipe.devices.remote.runner import Registry
-    from edgepipe.pipeline.cli.main import console, emit_json
-
     registry = Registry(config)
     dev = registry.remove(name)
     path = registry.save()

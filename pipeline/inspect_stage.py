@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from edgepipe.devices.graph.edgetpu import analyze_graph
+from edgepipe.devices.graph.tflite_graph import read_tflite
 from edgepipe.pipeline.base.errors import UserError
 
 ONNX_QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
@@ -48,31 +50,32 @@ def inspect_artifact(path: str | Path) -> dict:
     return inspect_onnx(p)
 
 
-def inspect_tflite(path: Path) -> dict:
-    from edgepipe.devices.graph.edgetpu import analyze_graph
-    from edgepipe.devices.graph.tflite_graph import read_tflite
-
-    g = read_tflite(path)
-    report = analyze_graph(g, ops_detail=False)
-    sg = g.main
-    types = Counter(t.dtype for t in sg.tensors)
+def _tflite_quantization(sg) -> str:
+    """How a TFLite subgraph is quantized, in words."""
     activations = [t for t in sg.tensors if not t.is_constant]
     weights = [t for t in sg.tensors if t.is_constant and t.dtype in ("float32", "float16", "int8", "uint8")]
     io_idx = set(sg.inputs) | set(sg.outputs)
     float_act = [t for t in activations if t.dtype.startswith("float")]
     quantized_act = sum(1 for t in activations if t.quantized)
     if quantized_act and not float_act:
-        quant = "full-integer"
-    elif quantized_act and all(t.index in io_idx for t in float_act):
-        quant = "integer, float I/O"
-    elif quantized_act:
-        quant = "mixed int8/float"
-    elif any(t.quantized for t in weights):
-        quant = "dynamic-range (int8 weights, float activations)"
-    elif any(t.dtype == "float16" for t in weights):
-        quant = "float16 weights"
-    else:
-        quant = "none"
+        return "full-integer"
+    if quantized_act and all(t.index in io_idx for t in float_act):
+        return "integer, float I/O"
+    if quantized_act:
+        return "mixed int8/float"
+    if any(t.quantized for t in weights):
+        return "dynamic-range (int8 weights, float activations)"
+    if any(t.dtype == "float16" for t in weights):
+        return "float16 weights"
+    return "none"
+
+
+def inspect_tflite(path: Path) -> dict:
+    g = read_tflite(path)
+    report = analyze_graph(g, ops_detail=False)
+    sg = g.main
+    types = Counter(t.dtype for t in sg.tensors)
+    quant = _tflite_quantization(sg)
 
     def io(idx: list[int]) -> list[dict]:
         return [sg.tensors[i].to_dict() for i in idx]
@@ -96,7 +99,7 @@ def inspect_tflite(path: Path) -> dict:
 
 
 def inspect_onnx(path: Path) -> dict:
-    import onnx
+    import onnx  # heavy third-party (~0.5 s): imported only when an ONNX file is inspected
 
     try:
         model = onnx.load(str(path), load_external_data=False)
