@@ -6,6 +6,10 @@ fd 1 and fd 2 (and ``sys.stderr``) at ``path`` while a bench or an eval runs; ``
 ``--debug``) leaves fd 2 on the terminal and only moves fd 1 there, so ``--json`` on stdout stays
 parseable either way. Progress output must be written to a handle opened before the block
 (``terminal()``). An empty log is removed afterwards.
+
+Some runtimes also log from destructors when the process exits (LiteRT's GPU accelerator says
+"DestroyAccelerator"); ``exit_output_to_last_log()``, called by the CLI once everything is
+printed, sends those lines to the same log.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import os
 import sys
 from pathlib import Path
 from typing import IO, Iterator, Optional
+
+
+_last = {"log": None}
 
 
 def terminal() -> IO[str]:
@@ -34,6 +41,7 @@ def native_logs(log_path: Optional[str | os.PathLike]) -> Iterator[Optional[Path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             log = open(path, "w", buffering=1)
+            _last["log"] = path
             os.dup2(log.fileno(), 2)
             sys.stderr = log
         os.dup2(2, 1)
@@ -52,3 +60,18 @@ def native_logs(log_path: Optional[str | os.PathLike]) -> Iterator[Optional[Path
             with contextlib.suppress(OSError):
                 if path.stat().st_size == 0:
                     path.unlink()
+
+
+def exit_output_to_last_log() -> None:
+    """Point fd 1 and fd 2 at the last native log (appending), for what runtimes print at exit.
+    Call it only when the process has nothing more to say."""
+    path = _last["log"]
+    if path is None or not Path(path).is_file():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

@@ -412,3 +412,46 @@ def test_edgetpu_artifact_gate_follows_its_analysis(digits, tmp_path):
     fully = not (report.get("counts") or {}).get("cpu")
     assert (rows[0]["status"] == "pass") == fully
     assert res.returncode == (0 if fully else 1), res.stderr
+
+
+# --------------------------------------------------------------------------- the baseline
+def _baseline(tmp_path: Path, top1: float, trained: bool = True) -> Path:
+    folder = _setup(tmp_path, [_row("tflite-int8", top1=top1), _row("onnx-int8", top1=top1),
+                               _row("tflite-fp16", top1=top1)])
+    ev = json.loads((folder / EVAL_NAME).read_text())
+    ev["source"] = {"top1": top1, "top5": 40.0, "samples": 450}
+    ev["dataset"]["classes"] = 10
+    for r in ev["results"]:
+        r["drop"] = drops(ev["source"], {"top1": top1, "top5": 40.0, "agreement": 100.0})
+    (folder / EVAL_NAME).write_text(json.dumps(ev))
+    if not trained:
+        m, _ = load_manifest(folder)
+        m.model.trained = False
+        m.save(folder)
+    return folder
+
+
+def test_source_model_at_chance_level_is_refused(tmp_path, capsys):
+    """A source model no better than guessing (0 % here: labels that do not match the model's
+    classes) makes every drop meaningless: check says so instead of passing."""
+    for top1 in (0.0, 11.0):
+        folder = _baseline(tmp_path / str(top1), top1)
+        rc, out, err = _check(folder, capsys, "--max-drop", "1.0")
+        assert rc == 2 and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert f"scores {top1:.1f} % top-1 on 450 images, no better than guessing" in line
+        assert "--labels-map" in line and "--preprocess" in line and "--allow-chance-source" in line
+    folder = _baseline(tmp_path / "ok", 30.0)  # well above 10 % + 2 sigma (12.8 %)
+    assert _check(folder, capsys)[0] == 0
+
+
+def test_chance_level_warns_for_an_untrained_model_or_when_allowed(tmp_path, capsys):
+    folder = _baseline(tmp_path / "untrained", 9.0, trained=False)
+    rc, out, err = _check(folder, capsys, "--json")
+    assert rc == 0
+    (w,) = json.loads(out)["warnings"]
+    assert "untrained (exported with --weights none)" in w and "warning:" in err
+    folder = _baseline(tmp_path / "allowed", 0.0)
+    rc, out, err = _check(folder, capsys, "--allow-chance-source", "--markdown", str(tmp_path / "c.md"))
+    assert rc == 0 and "gating anyway" in err
+    assert "**warning:**" in (tmp_path / "c.md").read_text()

@@ -325,3 +325,52 @@ def test_eval_on_litert_gpu(digits_export):
     (row,) = [r for r in ev["results"] if r["artifact"] == "tflite-int8"]
     assert row["status"] == "ok", row
     assert row["target"] == "gpu" and row["drop"]["top1"] <= 1.0
+
+
+# --------------------------------------------------------------------------- eval.json, typed
+def test_eval_json_written_before_still_reads_and_round_trips():
+    """tests/fixtures/eval/eval_v1.json was written by edgepipe 0.1.0 before eval results were typed."""
+    from edgepipe.pipeline.base.evaluation import EvalResult, read_eval
+
+    path = Path(__file__).parent / "fixtures" / "eval" / "eval_v1.json"
+    old = json.loads(path.read_text())
+    res = read_eval(path)
+    assert isinstance(res, EvalResult) and res.source["top1"] == old["source"]["top1"]
+    assert [(r.status, r.where) for r in res.results] == [("ok", "cpu"), ("ok", "gpu"), ("error", None),
+                                                          ("ok", "reference")]
+    assert res.results[0].drop["top1"] == old["results"][0]["drop"]["top1"]
+    assert json.dumps(res.to_dict()) == json.dumps(old)  # same keys, same order, same values
+    unknown = {**old, "future_key": 1, "results": [{**old["results"][0], "future_row_key": 2}]}
+    assert EvalResult.from_dict(unknown).to_dict() == unknown
+
+
+# --------------------------------------------------------------------------- default targets
+def test_default_targets_leave_the_slow_ones_out(tiny_export, monkeypatch):
+    """By default eval runs the fast targets; the software GPU and the Core ML reference
+    interpreter only when named, and an artifact only they could run says how to ask."""
+    from edgepipe.devices.runtimes.base import runtimes_for
+    from edgepipe.pipeline import eval_artifacts as ea
+    from edgepipe.pipeline.base.evaluation import EvalRow
+    from edgepipe.pipeline.base.manifest import load_manifest
+
+    software = {"tflite": {"available": True, "vulkan_adapters": [{"name": "llvmpipe", "type": "cpu"}]}}
+    monkeypatch.setattr(ea, "probe_target", lambda target: software)
+    (gpu,) = runtimes_for("tflite", "gpu")
+    assert "software (llvmpipe" in ea.slow_reason(gpu, "tflite")
+    (ref,) = runtimes_for("coreml", "reference")
+    assert "interpreter" in ea.slow_reason(ref, "coreml")
+    (cpu,) = runtimes_for("tflite", "cpu")
+    assert ea.slow_reason(cpu, "tflite") is None
+
+    m, folder = load_manifest(tiny_export)
+    arts = [m.artifact("tflite-fp32"), m.artifact("coreml-fp32"), m.artifact("onnx-int8")]
+    items = ea.plan(arts, folder, ["cpu", "gpu", "reference"], explicit=False)
+    jobs = [(i.row.artifact, i.row.target) for i in items if isinstance(i, ea.Job)]
+    assert jobs == [("tflite-fp32", "cpu")]
+    rows = {(r.artifact, r.target): r for r in items if isinstance(r, EvalRow)}
+    assert rows[("coreml-fp32", "reference")].status == "skipped"
+    assert "not run by default" in rows[("coreml-fp32", "reference")].reason
+    assert "--targets reference" in rows[("coreml-fp32", "reference")].reason
+    assert rows[("onnx-int8", None)].status == "error" and "export failed" in rows[("onnx-int8", None)].reason
+    asked = ea.plan([m.artifact("coreml-fp32")], folder, ["reference"], explicit=True)
+    assert [(i.row.artifact, i.row.target) for i in asked if isinstance(i, ea.Job)] == [("coreml-fp32", "reference")]

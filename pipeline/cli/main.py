@@ -16,6 +16,7 @@ not install it, so nothing here imports click. Nothing heavy is imported at star
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 from typing import Optional
@@ -25,6 +26,7 @@ import typer
 from edgepipe.pipeline.base.errors import EdgepipeError
 from edgepipe.pipeline.base.util import pkg_version
 from edgepipe.pipeline.cli.common import console, debug_enabled, emit_json, set_debug
+from edgepipe.pipeline.logs import exit_output_to_last_log
 
 CLI_MODULES = ["edgepipe.pipeline.cli.export", "edgepipe.pipeline.cli.inspect", "edgepipe.pipeline.cli.bench",
                "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices"]
@@ -105,10 +107,10 @@ def _run(args: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:
-        set_debug()
+    set_debug("--debug" in args or bool(os.environ.get("EDGEPIPE_DEBUG")))
     code = _run(args)
     if argv is None:
+        exit_output_to_last_log()  # runtimes that log from destructors at exit: into the log, not the terminal
         sys.exit(code)
     return code
 
