@@ -5,7 +5,7 @@
 
 For every TFLite / ONNX artifact in the model folder, on the CPU:
 
-* edgepipe: ``edgepipe.pipeline.eval_stage.evaluate_file`` — what `edgepipe eval` runs per artifact x
+* edgepipe: ``edgepipe.pipeline.eval_artifacts.evaluate_file`` — what `edgepipe eval` runs per artifact x
   target: load the session through the runtime seam, quantize the set, run it image by image
   (batch 1), dequantize, compute top-1/top-5/agreement/drops.
 * bare: the loop a user would write by hand over the same preprocessed images already in memory:
@@ -41,7 +41,7 @@ def _digits_export(work: Path) -> Path:
             % str(REPO / "tests"))
     model = Path(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
                  .stdout.strip().splitlines()[-1])
-    from edgepipe.pipeline.datasets import write_digits_folder
+    from edgepipe.pipeline.images import write_digits_folder
 
     calib = write_digits_folder(work / "train_png", "train")
     dest = work / "digits.keras"
@@ -104,9 +104,11 @@ def main() -> int:
                     "--targets", "cpu", "--json"], check=True, capture_output=True)
 
     from edgepipe.devices.runtimes.base import runtimes_for
-    from edgepipe.pipeline.datasets import load_labelled
-    from edgepipe.pipeline.eval_stage import classification_metrics, evaluate_file, source_predictions
+    from edgepipe.pipeline.base.evaluation import EvalRow, classification_metrics
     from edgepipe.pipeline.base.manifest import load_manifest
+    from edgepipe.pipeline.datasets import load_labelled
+    from edgepipe.pipeline.eval_artifacts import EvalContext, evaluate_file
+    from edgepipe.pipeline.source_predictions import source_predictions
     from edgepipe.pipeline.base.preprocessing import Preprocessing
 
     m, folder = load_manifest(folder)
@@ -118,6 +120,7 @@ def main() -> int:
     smet = classification_metrics(src_out, ds.labels)
     source = {"top1": smet["top1"], "top5": smet["top5"]}
     src_pred = src_out.argmax(1)
+    ctx = EvalContext(ds, data, int(src.num_classes), source, src_pred, args.threads)
 
     rows = []
     for a in m.artifacts:
@@ -129,19 +132,19 @@ def main() -> int:
         t_ep, t_bare, loop_ep = [], [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            row = evaluate_file(path, a.format, rt, ds, data, source, src_pred, int(src.num_classes), args.threads)
+            row = evaluate_file(path, a.format, rt, EvalRow(a.id, a.format, a.precision), ctx)
             t_ep.append(time.perf_counter() - t0)
-            loop_ep.append(row["seconds"])
+            loop_ep.append(row.seconds)
             t0 = time.perf_counter()
             acc = bare_fn(path, data, ds.labels, args.threads)
             t_bare.append(time.perf_counter() - t0)
-        assert row["status"] == "ok", row
-        assert abs(acc * 100 - row["top1"]) < 1e-9, (acc, row["top1"])  # the same computation
+        assert row.status == "ok", row
+        assert abs(acc * 100 - row.top1) < 1e-9, (acc, row.top1)  # the same computation
         ep, bare = statistics.median(t_ep), statistics.median(t_bare)
         rows.append({"artifact": a.id, "images": ds.n, "edgepipe_s": round(ep, 4), "bare_s": round(bare, 4),
                      "edgepipe_img_s": round(ds.n / ep, 1), "bare_img_s": round(ds.n / bare, 1),
                      "ratio": round(bare / ep, 3), "edgepipe_loop_only_img_s": round(ds.n / statistics.median(loop_ep), 1),
-                     "top1": row["top1"]})
+                     "top1": row.top1})
 
     # The whole command as CI runs it (process start, imports, data loading, every artifact, eval.json).
     t0 = time.perf_counter()

@@ -144,3 +144,32 @@ def test_piped_check_output_keeps_long_reasons_whole(tmp_path):
     assert res.returncode == 0, res.stderr
     assert reason in res.stdout
     assert "…" not in res.stdout
+
+
+def test_progress_lines_in_a_log_and_a_bar_on_a_terminal():
+    from rich.console import Console
+
+    from edgepipe.pipeline.cli.common import RowProgress
+
+    buf = io.StringIO()
+    with RowProgress(console(file=buf)) as p:
+        p.total(20, 2)
+        p.advance(10)
+        p.row_done("a on cpu: ok")
+        p.advance(10)
+        p.row_done("b on cpu: ok")
+    assert buf.getvalue().splitlines() == ["[1/2] a on cpu: ok", "[2/2] b on cpu: ok"]
+    tty = io.StringIO()
+    with RowProgress(Console(file=tty, force_terminal=True, width=120)) as p:
+        p.total(20, 2)
+        p.describe("tflite-int8 on cpu")
+        p.advance(5)
+        p.bar.refresh()
+    shown = tty.getvalue()
+    assert "tflite-int8 on cpu" in shown and "5/20" in shown and "images" in shown and "left" in shown
+    assert "[1/2]" not in shown
+    quiet = io.StringIO()
+    with RowProgress(console(file=quiet), quiet=True) as p:
+        p.total(1, 1)
+        p.row_done("x")
+    assert quiet.getvalue() == ""

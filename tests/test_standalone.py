@@ -99,3 +99,14 @@ def test_eval_a_file_preprocessing_from_a_sidecar_and_refusals(files, tmp_path):
         api.evaluate(files.parent, "digits", preprocess="unit")
     with pytest.raises(UserError, match="unknown --preprocess 'imagenet'"):
         api.evaluate(files / "tiny_fp32.onnx", "digits", preprocess="imagenet")
+
+
+def test_eval_progress_counts_every_image(files, tmp_path):
+    events = []
+    api.evaluate(files / "tiny_int8.tflite", "digits", limit=100, targets="cpu", preprocess="unit",
+                 out=tmp_path / "o", progress=lambda e, info: events.append((e, info)), log=False)
+    names = [e for e, _ in events]
+    assert names.index("plan") < names.index("start") < names.index("done")
+    plan = dict(events)["plan"]
+    assert plan == {"jobs": 1, "images": 100}
+    assert sum(info["count"] for e, info in events if e == "images") == 100
