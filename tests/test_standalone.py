@@ -110,3 +110,18 @@ def test_eval_progress_counts_every_image(files, tmp_path):
     plan = dict(events)["plan"]
     assert plan == {"jobs": 1, "images": 100}
     assert sum(info["count"] for e, info in events if e == "images") == 100
+
+
+def test_runtime_logs_go_to_eval_log_unless_debug(files, tmp_path):
+    from conftest import run_cli
+
+    args = ["eval", str(files / "tiny_fp32.tflite"), "--data", "digits", "--limit", "100", "--preprocess", "unit",
+            "--targets", "cpu", "--out", str(tmp_path / "o")]
+    res = run_cli(*args, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "XNNPACK" not in res.stderr + res.stdout
+    assert "XNNPACK" in (tmp_path / "o" / "eval.log").read_text()
+    assert f"runtime logs in {tmp_path / 'o' / 'eval.log'}" in res.stdout
+    res = run_cli("--debug", *args, "--json", timeout=300)
+    assert res.returncode == 0 and "XNNPACK" in res.stderr
+    assert json.loads(res.stdout)["results"][0]["status"] == "ok"  # stdout stays clean JSON
