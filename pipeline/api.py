@@ -154,10 +154,8 @@ def check(path: str | os.PathLike, max_drop: float = 1.0, *, metric: str | Seque
     (and appends to $GITHUB_STEP_SUMMARY). ``enforce_check(result)`` raises when a check failed."""
     m, _ = load_manifest(path)
     if isinstance(max_drop_for, dict):
-        overrides = {k: float(v) for k, v in max_drop_for.items()}
-        gate.parse_overrides([f"{k}={v}" for k, v in overrides.items() if v >= 0], m)  # unknown selectors
-    else:
-        overrides = gate.parse_overrides(max_drop_for, m)
+        max_drop_for = [f"{k}={v}" for k, v in max_drop_for.items()]
+    overrides = gate.parse_overrides(max_drop_for, m)
     metrics = gate.parse_metrics(metric if isinstance(metric, str) else ",".join(metric))
     cfg = GateConfig([Budget(mt, max_drop, dict(overrides)) for mt in metrics], require_verified=require_verified,
                      require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source)

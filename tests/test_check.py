@@ -455,3 +455,18 @@ def test_chance_level_warns_for_an_untrained_model_or_when_allowed(tmp_path, cap
     rc, out, err = _check(folder, capsys, "--allow-chance-source", "--markdown", str(tmp_path / "c.md"))
     assert rc == 0 and "gating anyway" in err
     assert "**warning:**" in (tmp_path / "c.md").read_text()
+
+
+def test_library_check_returns_typed_rows_and_enforce_raises(tmp_path):
+    from edgepipe.pipeline import CheckResult, GateFailure, check, enforce_check
+
+    folder = _setup(tmp_path, [_row("tflite-int8", top1=96.0), _row("onnx-int8", top1=96.0),
+                               _row("tflite-fp16", top1=98.0)])
+    res = check(folder, 0.5, max_drop_for={"int8": 2.5}, markdown=tmp_path / "c.md")
+    assert isinstance(res, CheckResult) and res.passed and res.reports == [str(tmp_path / "c.md")]
+    assert {(r.artifact, r.budget, r.budget_from) for r in res.rows} == {
+        ("tflite-int8", 2.5, "int8"), ("onnx-int8", 2.5, "int8"), ("tflite-fp16", 0.5, "default")}
+    res = check(folder, 0.5, metric=["top1", "agreement"], max_drop_for={"tflite-int8": 1.0})
+    assert not res.passed and [r.artifact for r in res.failed] == ["tflite-int8", "onnx-int8"]
+    with pytest.raises(GateFailure, match="2 of 6 checks failed"):
+        enforce_check(res)
