@@ -29,7 +29,7 @@ from edgepipe.pipeline.base.evaluation import EvalRow, classification_metrics, d
 from edgepipe.pipeline.base.manifest import Artifact, artifact_problem
 from edgepipe.pipeline.datasets import LabelledSet
 
-EVAL_TARGETS = ("cpu", "gpu", "reference")  # what `eval --targets all` means (edgetpu only by name)
+EVAL_TARGETS = ("cpu", "gpu", "reference")  # the default targets, before the slow ones are left out
 CHUNK = 64  # images between two progress reports
 
 Progress = Callable[[str, dict], None]

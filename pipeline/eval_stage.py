@@ -81,13 +81,11 @@ class EvalPlan:
 
 
 def resolve_targets(targets: Optional[Sequence[str] | str]) -> tuple[list[str], bool]:
-    """(targets, explicit). Default: every target eval knows, the slow ones left out when planning."""
+    """(targets, explicit). Default: cpu, gpu and reference, the slow ones left out when planning;
+    named targets (``all`` as the one target parser means it) all run."""
     if targets is None or targets == "" or targets == []:
         return list(EVAL_TARGETS), False
-    spec = targets if isinstance(targets, str) else ",".join(targets)
-    if spec.strip() == "all":
-        return list(EVAL_TARGETS), True
-    return parse_targets(spec), True
+    return parse_targets(targets if isinstance(targets, str) else ",".join(targets)), True
 
 
 def _manifest(req: EvalRequest) -> tuple[Manifest, Path, Path, bool]:
