@@ -99,6 +99,8 @@ def bench(path: str | os.PathLike, targets: str | Sequence[str] = "cpu", *, devi
                                        benchmark_binary=str(benchmark_binary) if benchmark_binary else None)
             else:
                 report = run_bench(manifest_path, settings=settings, progress=progress)
+    if manifest_path != path:  # a standalone file: the temporary manifest is gone, name the file
+        report.manifest = str(Path(path).resolve())
     write_reports(report, out_dir, compare(old, report, threshold) if old is not None else None)
     return report
 

@@ -67,6 +67,7 @@ def test_bench_a_file_writes_edgepipe_out_stem(files, tmp_path, monkeypatch, cap
         assert rep["written"]["json"] == str(Path("edgepipe-out") / stem / "bench.json")
         (row,) = [r for r in rep["rows"] if r["target"] == "cpu"]
         assert row["status"] == "ok" and row["latency_ms"]["p50"] > 0, row
+        assert rep["manifest"] == str((files / name).resolve())
         assert (tmp_path / "edgepipe-out" / stem / "bench.md").is_file()
     assert api.results_dir(files / "tiny_fp32.onnx") == Path("edgepipe-out/tiny_fp32")
 
