@@ -19,6 +19,7 @@ from edgepipe.pipeline.base.errors import EdgepipeError
 
 CLI_MODULES = ["edgepipe.pipeline.cli.export", "edgepipe.pipeline.cli.inspect", "edgepipe.pipeline.cli.bench",
                "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices"]
+CLI_MODULES += ["edgepipe.pipeline.cli.ledger"]
 
 app = typer.Typer(
     name="edgepipe",
