@@ -126,3 +126,39 @@ def wait_until(pred, timeout: float = 10.0, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return pred()
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+
+_db_names = itertools.count()
+
+
+def postgres_available() -> Optional[str]:
+    """None when a throwaway server can be started here, else why not."""
+    if not (PG_BIN / "initdb").exists():
+        return f"PostgreSQL 15 is not installed ({PG_BIN}); sudo bash .ci/service-deps.sh installs it"
+    if os.geteuid() == 0 and not shutil.which("runuser"):
+        return "running as root without runuser (PostgreSQL refuses to run as root)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    why = postgres_available()
+    if why:
+        pytest.skip(why)
+    srv = PostgresServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path) -> str:
+    """The same ledger tests on an embedded SQLite file and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    srv = request.getfixturevalue("pg_server")
+    return srv.createdb(f"ledger_{os.getpid()}_{next(_db_names)}")

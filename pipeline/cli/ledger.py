@@ -178,6 +178,8 @@ def select(
 
 def _print_select(sel, out: Path) -> None:
     con = _out()
+    if not sel.candidates:
+        return
     t = Table(title=f"Artifacts on {sel.device} ({sel.metric} drop budget {sel.max_drop:g} points)")
     for c in ("artifact", "target", "runtime", "p50 ms", "drop", "eval", "bench row", "eval row", "qualifies"):
         t.add_column(c, overflow="fold")

@@ -57,21 +57,22 @@ def translate(e: BaseException, loc: Location, timeout: float) -> LedgerError:
     if loc.kind == "sqlite":
         if "locked" in low or "busy" in low:
             return LedgerError(f"the ledger {loc.shown} is locked by another process (waited {timeout:g} s)",
-                               f"Retry when it finishes, raise ${TIMEOUT_ENV}, or pass --ledger OTHER.sqlite "
-                               f"or --no-ledger")
+                               f"Retry when it finishes, raise ${TIMEOUT_ENV}, pass --ledger OTHER.sqlite, "
+                               f"or --no-ledger to skip recording")
         if "not a database" in low or "malformed" in low or "corrupt" in low:
             return LedgerError(f"the ledger {loc.shown} is corrupt or not a SQLite database ({msg})",
                                "Move the file aside (a new ledger is created in its place) or pass --ledger OTHER")
         if "unable to open" in low or "readonly" in low or "read-only" in low:
             return LedgerError(f"cannot write the ledger {loc.shown} ({msg})",
-                               "Check the folder exists and is writable, or pass --ledger OTHER / --no-ledger")
-        return LedgerError(f"the ledger {loc.shown} failed: {msg}", "Pass --ledger OTHER or --no-ledger")
+                               "Check the folder is writable, pass --ledger OTHER, or --no-ledger to skip recording")
+        return LedgerError(f"the ledger {loc.shown} failed: {msg}",
+                           "Pass --ledger OTHER, or --no-ledger to skip recording")
     if isinstance(e, DBAPIError) and e.connection_invalidated or "connect" in low or "connection" in low \
             or "could not translate host" in low or "timeout" in low:
         return LedgerError(f"cannot reach the PostgreSQL ledger {loc.shown} ({msg})",
-                           "Check the URL, the server and the network, or pass --no-ledger")
+                           "Check the URL, the server and the network, or pass --no-ledger to skip recording")
     return LedgerError(f"the PostgreSQL ledger {loc.shown} failed: {msg}",
-                       "Check the URL and the database's permissions, or pass --no-ledger")
+                       "Check the URL and the database's permissions, or pass --no-ledger to skip recording")
 
 
 def _sqlite_engine(loc: Location, timeout: float) -> Engine:
