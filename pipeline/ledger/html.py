@@ -105,10 +105,15 @@ def svg_series(s: Series, index: int) -> str:
         parts.append(f'<circle cx="{sx(i):.1f}" cy="{sy(p.p50):.1f}" r="4" fill="{P50_COLOR}">'
                      f'<title>{_esc(tip)}</title></circle>')
     for i in sorted({0, len(pts) - 1}):
-        parts.append(f'<text x="{sx(i):.1f}" y="{y1 + 16}" text-anchor="middle">run {pts[i].run_id} · '
+        anchor = "start" if i == 0 and len(pts) > 1 else "end" if len(pts) > 1 else "middle"
+        parts.append(f'<text x="{sx(i):.1f}" y="{y1 + 16}" text-anchor="{anchor}">run {pts[i].run_id} · '
                      f'{_esc((pts[i].created or "")[:10])}</text>')
-    parts.append(f'<text x="{x1}" y="{SVG_H - 6}" text-anchor="end">p50 ── ({P50_COLOR})   p90 - - '
-                 f'({P90_COLOR}) · {len(pts)} runs</text>')
+    ly = SVG_H - 10
+    parts.append(f'<line x1="{x1 - 210}" y1="{ly - 4}" x2="{x1 - 186}" y2="{ly - 4}" stroke="{P50_COLOR}" '
+                 f'stroke-width="2.5"/><text x="{x1 - 180}" y="{ly}">p50</text>'
+                 f'<line x1="{x1 - 146}" y1="{ly - 4}" x2="{x1 - 122}" y2="{ly - 4}" stroke="{P90_COLOR}" '
+                 f'stroke-width="1.5" stroke-dasharray="5 3"/><text x="{x1 - 116}" y="{ly}">p90</text>'
+                 f'<text x="{x1}" y="{ly}" text-anchor="end">{len(pts)} runs</text>')
     return "".join(parts) + "</svg>"
 
 
