@@ -13,7 +13,14 @@ from typing import Optional
 
 import numpy as np
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+def _pg_bin() -> Path:
+    """Debian's newest installed PostgreSQL server binaries (/usr/lib/postgresql/<major>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 HOST = {"hostname": "bench-host", "os": "Linux 6.1", "platform": "Linux-6.1-x86_64", "python": "3.11.2",
         "cpu": {"model": "Test CPU @ 2.0GHz", "arch": "x86_64", "logical_cores": 2, "usable_cores": 2,
@@ -107,7 +114,7 @@ class PostgresServer:
         return f"postgresql://postgres@/{db}?host={self.dir}"
 
     def createdb(self, name: str) -> str:
-        subprocess.run([*self._as_postgres(), str(PG_BIN.parent / "bin" / "createdb"), "-h", str(self.dir),
+        subprocess.run([*self._as_postgres(), str(PG_BIN / "createdb"), "-h", str(self.dir),
                         "-U", "postgres", name], check=True, capture_output=True, timeout=60)
         return self.url(name)
 
@@ -139,7 +146,7 @@ _db_names = itertools.count()
 def postgres_available() -> Optional[str]:
     """None when a throwaway server can be started here, else why not."""
     if not (PG_BIN / "initdb").exists():
-        return f"PostgreSQL 15 is not installed ({PG_BIN}); sudo bash .ci/service-deps.sh installs it"
+        return "PostgreSQL is not installed (/usr/lib/postgresql/*/bin); sudo bash .ci/service-deps.sh installs it"
     if os.geteuid() == 0 and not shutil.which("runuser"):
         return "running as root without runuser (PostgreSQL refuses to run as root)"
     return None

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select
@@ -18,6 +19,7 @@ from edgepipe.pipeline.ledger import (Ledger, LedgerError, compare_runs, history
                                       record_check, record_eval, record_sweep, resolve_run, select_artifact)
 from edgepipe.pipeline.ledger import schema
 from edgepipe.pipeline.ledger.query import load_run
+from edgepipe.pipeline.ledger.schema import pack_samples, unpack_samples
 
 from conftest import REPO, run_cli
 from ledger_helpers import bench_report, bench_row, eval_result, ledger_url, pg_server  # noqa: F401
@@ -48,10 +50,11 @@ def test_record_bench_keeps_samples_sha_and_conditions(ledger_url):
         rows = _rows(led, "bench_rows")
         got = load_run(led, rec.run_id)
     # raw samples come back exactly, in measurement order, with the artifact's sha256
-    assert rows[0]["samples_ms"] == rep["rows"][0]["samples_ms"] and len(rows[0]["samples_ms"]) == 200
+    assert unpack_samples(rows[0]["samples"]) == rep["rows"][0]["samples_ms"] and len(rows[0]["samples"]) == 200 * 8
+    assert np.array_equal(np.frombuffer(rows[0]["samples"], "<f8"), rep["rows"][0]["samples_ms"])  # as documented
     assert [r["sha256"] for r in rows] == [SHA["tflite-fp32"], SHA["onnx-fp32"], SHA["tflite-int8"]]
     assert rows[0]["p50"] == pytest.approx(rep["rows"][0]["latency_ms"]["p50"])
-    assert rows[2]["status"] == "failed" and rows[2]["samples_ms"] == [] and rows[2]["p50"] is None
+    assert rows[2]["status"] == "failed" and unpack_samples(rows[2]["samples"]) == [] and rows[2]["p50"] is None
     assert (rows[0]["cpu"], rows[0]["threads"], rows[0]["runtime_version"], rows[0]["device_id"]) == \
         ("Test CPU @ 2.0GHz", 2, "2.3.0", "local:bench-host")
     c = run["conditions"]
@@ -248,7 +251,7 @@ CREATE TABLE bench_rows (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NO
     ON DELETE CASCADE, model VARCHAR, artifact VARCHAR, format VARCHAR, precision VARCHAR, target VARCHAR,
     runtime VARCHAR, device VARCHAR, status VARCHAR, reason TEXT, sha256 VARCHAR(64), device_id VARCHAR, cpu VARCHAR,
     threads INTEGER, runtime_version VARCHAR, n INTEGER, p50 FLOAT, p90 FLOAT, p99 FLOAT, mean FLOAT, std FLOAT,
-    min FLOAT, max FLOAT, samples_ms JSON, latency JSON, extra JSON);
+    min FLOAT, max FLOAT, samples BLOB, latency JSON, extra JSON);
 CREATE TABLE eval_rows (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL REFERENCES runs (id)
     ON DELETE CASCADE, model VARCHAR, artifact VARCHAR, format VARCHAR, precision VARCHAR, target VARCHAR,
     runtime VARCHAR, device VARCHAR, status VARCHAR, reason TEXT, sha256 VARCHAR(64), top1 FLOAT, top5 FLOAT,
@@ -268,15 +271,22 @@ INSERT INTO ledger_schema VALUES (1, 'runs, bench/eval/check rows', '2025-01-01T
 INSERT INTO runs (kind, created, recorded, model, host, conditions, meta)
     VALUES ('bench', '2025-01-01T00:00:00+00:00', '2025-01-01T00:00:01+00:00', 'tiny', 'old-host', '{}', '{}');
 INSERT INTO bench_rows (run_id, model, artifact, format, precision, target, runtime, device, status, sha256,
-    device_id, cpu, threads, runtime_version, n, p50, samples_ms, latency, extra)
+    device_id, cpu, threads, runtime_version, n, p50, samples, latency, extra)
     VALUES (1, 'tiny', 'tflite-fp32', 'tflite', 'fp32', 'cpu', 'litert', 'local', 'ok', 'SHA', 'local:bench-host',
-    'Test CPU @ 2.0GHz', 2, '2.3.0', 5, 2.0, '[2.0, 2.1, 1.9, 2.0, 2.05]', '{"p50": 2.0}', '{}');
+    'Test CPU @ 2.0GHz', 2, '2.3.0', 5, 2.0, SAMPLES, '{"p50": 2.0}', '{}');
 """
 
 
-def _v1_postgres() -> str:
+OLD_SAMPLES = [2.0, 2.1, 1.9, 2.0, 2.05]
+
+
+def _v1(kind: str) -> str:
+    hexed = pack_samples(OLD_SAMPLES).hex()
+    if kind == "sqlite":
+        return V1_SQLITE.replace("SAMPLES", f"X'{hexed}'")
     s = V1_SQLITE.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "SERIAL PRIMARY KEY").replace(" JSON", " JSONB")
-    return s.replace("FLOAT", "DOUBLE PRECISION")
+    s = s.replace("FLOAT", "DOUBLE PRECISION").replace("BLOB", "BYTEA")
+    return s.replace("SAMPLES", f"decode('{hexed}', 'hex')")
 
 
 def test_older_schema_is_migrated(ledger_url):
@@ -287,7 +297,7 @@ def test_older_schema_is_migrated(ledger_url):
     loc = resolve(ledger_url)
     eng = create_engine(loc.url)
     with eng.begin() as c:
-        ddl = V1_SQLITE if loc.kind == "sqlite" else _v1_postgres()
+        ddl = _v1(loc.kind)
         for stmt in filter(str.strip, ddl.split(";")):
             c.execute(text(stmt))
     eng.dispose()
@@ -298,7 +308,7 @@ def test_older_schema_is_migrated(ledger_url):
         assert "node" in {c["name"] for c in insp.get_columns("bench_rows")}
         assert "ix_bench_series" in {i["name"] for i in insp.get_indexes("bench_rows")}
         old = load_run(led, 1)  # the old row reads back
-        assert old.entries[0].samples == [2.0, 2.1, 1.9, 2.0, 2.05] and old.entries[0].sha256 == "SHA"
+        assert old.entries[0].samples == OLD_SAMPLES and old.entries[0].sha256 == "SHA"
         new = record_bench(bench_report([bench_row("tflite-fp32", median_ms=2.0, n=5, sha256="SHA")]), led)
         cmp = compare_runs(old, load_run(led, new.run_id))
         assert cmp.rows[0].ci is not None

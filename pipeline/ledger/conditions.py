@@ -121,10 +121,11 @@ def loadavg() -> Optional[list]:
         return None
 
 
-def capture(cwd: Optional[os.PathLike] = None) -> dict:
-    """One snapshot of what changes between runs on the same host."""
+def capture(cwd: Optional[os.PathLike] = None, git: bool = True) -> dict:
+    """One snapshot of what changes between runs on the same host (``git=False``: skip the two
+    ``git`` calls, e.g. for the "after" snapshot when "before" has them)."""
     return {"taken": now_iso(), "hostname": platform.node(), "node": node_name(), "loadavg": loadavg(),
-            "cpu_frequency": cpu_frequency(), "thermal": thermal(), "git": git_state(cwd)}
+            "cpu_frequency": cpu_frequency(), "thermal": thermal(), "git": git_state(cwd) if git else None}
 
 
 def host_facts() -> dict:

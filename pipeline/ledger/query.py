@@ -67,7 +67,7 @@ class BenchEntry:
                    format=v.get("format"), precision=v.get("precision"), device_id=v.get("device_id"),
                    cpu=v.get("cpu"), threads=v.get("threads"), runtime_version=v.get("runtime_version"),
                    sha256=v.get("sha256"), reason=v.get("reason"), p50=v.get("p50"), n=v.get("n"),
-                   samples=list(v.get("samples_ms") or []), row_id=row_id, run_id=run_id)
+                   samples=schema.unpack_samples(v.get("samples")), row_id=row_id, run_id=run_id)
 
 
 @dataclass

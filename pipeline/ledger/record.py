@@ -119,7 +119,7 @@ def bench_row_values(rep: dict, shas: Optional[dict] = None, folder: Optional[Pa
         dev = (rep.get("devices") or {}).get(r.get("device") or "local") or {}
         facts = dev.get("host") or rep.get("host") or {}
         lat = dict(r.get("latency_ms") or {})
-        samples = [float(x) for x in r.get("samples_ms") or []]
+        samples = r.get("samples_ms") or []
         if samples and lat.get("p50") is None:
             srt = sorted(samples)
             lat.setdefault("n", len(srt))
@@ -129,7 +129,7 @@ def bench_row_values(rep: dict, shas: Optional[dict] = None, folder: Optional[Pa
         v.update(model=model, device=r.get("device") or "local", sha256=_artifact_sha(r, shas or {}, folder),
                  device_id=device_identity(r.get("device") or "local", dev, facts),
                  node=r.get("node") or rep.get("node") or node, cpu=(facts.get("cpu") or {}).get("model"),
-                 samples_ms=samples, latency=lat,
+                 samples=schema.pack_samples(samples), latency=lat,
                  extra={k: val for k, val in r.items() if k not in _BENCH_PROMOTED})
         for c in _LATENCY_COLS:
             x = lat.get(c)
@@ -225,7 +225,7 @@ def _open(ledger: LedgerSpec) -> tuple[Ledger, bool]:
     return Ledger.open(ledger), True
 
 
-def _write(ledger: LedgerSpec, parts: list[tuple[dict, str, list[dict]]], parent: Optional[dict] = None) -> Recorded:
+def write_runs(ledger: LedgerSpec, parts: list[tuple[dict, str, list[dict]]], parent: Optional[dict] = None) -> Recorded:
     """Runs (with their rows) in one transaction; ``parent`` (a sweep run) first, the others its children."""
     led, owned = _open(ledger)
     try:
@@ -253,20 +253,20 @@ def record_bench(report: Any, ledger: LedgerSpec = None, *, source=None, before:
                  node: Optional[str] = None) -> Recorded:
     """Write a bench report (its rows with raw samples, sha256 and conditions) as one ledger run."""
     run, rows = bench_run(report, source, before, node)
-    return _write(ledger, [(run, "bench_rows", rows)])
+    return write_runs(ledger, [(run, "bench_rows", rows)])
 
 
 def record_eval(result: Any, ledger: LedgerSpec = None, *, source=None, before: Optional[dict] = None) -> Recorded:
     """Write an eval result (eval.json's content) as one ledger run."""
     run, rows = eval_run(result, source, before)
-    return _write(ledger, [(run, "eval_rows", rows)])
+    return write_runs(ledger, [(run, "eval_rows", rows)])
 
 
 def record_check(result: Any, ledger: LedgerSpec = None, *, latency: Any = None, source=None,
                  before: Optional[dict] = None) -> Recorded:
     """Write a check result (accuracy gate, and the latency gate when given) as one ledger run."""
     run, rows = check_run(result, latency, source, before)
-    return _write(ledger, [(run, "check_rows", rows)])
+    return write_runs(ledger, [(run, "check_rows", rows)])
 
 
 def record_sweep(sweep: Any = None, ledger: LedgerSpec = None, *, benches: Iterable[Any] = (),
@@ -284,7 +284,7 @@ def record_sweep(sweep: Any = None, ledger: LedgerSpec = None, *, benches: Itera
     parts = [(run, "bench_rows", rows) for run, rows in (bench_run(b, before=before, after=after) for b in benches)]
     parts += [(run, "eval_rows", rows) for run, rows in (eval_run(e, before=before, after=after) for e in evals)]
     parts += [(run, "check_rows", rows) for run, rows in (check_run(c, before=before, after=after) for c in checks)]
-    return _write(ledger, parts, parent)
+    return write_runs(ledger, parts, parent)
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -1,0 +1,87 @@
+"""Recording without slowing the run down: open the ledger while the run measures.
+
+    rec = Recorder(ledger_option, disabled=no_ledger)   # bad --ledger values fail here, before measuring
+    report = run_bench(...)                              # measures in subprocesses; this process waits
+    write_reports(report, out)                           # the run's own report first
+    done = rec.record_bench(report, source=out / "bench.json")   # LedgerError (exit 2) if the ledger fails
+
+A daemon thread takes the "before" conditions (clocks, load, thermal, git) and opens the ledger
+(importing SQLAlchemy, checking the schema) while the run measures in its subprocesses, so what the
+run pays at the end is the insert itself. The thread never raises: its error is raised by the
+``record_*`` call, after the report was written. ``disabled`` (``--no-ledger``, or
+``EDGEPIPE_LEDGER=off``) makes every ``record_*`` a no-op returning None.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Optional, Union
+
+from edgepipe.pipeline import ledger
+from edgepipe.pipeline.ledger import conditions
+from edgepipe.pipeline.ledger.location import Location, resolve
+
+
+class Recorder:
+    def __init__(self, spec: Union[str, os.PathLike, None] = None, disabled: bool = False):
+        self.location: Optional[Location] = resolve(spec, disabled)
+        self.before: Optional[dict] = None
+        self._ledger = None
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        if self.location is not None:
+            self._thread = threading.Thread(target=self._prepare, name="edgepipe-ledger", daemon=True)
+            self._thread.start()
+
+    def _prepare(self) -> None:
+        try:
+            self.before = conditions.capture()
+            self._ledger = ledger.Ledger.open(self.location)
+        except BaseException as e:  # noqa: BLE001 - raised by record_*, after the report is written
+            self._error = e
+
+    @property
+    def enabled(self) -> bool:
+        return self.location is not None
+
+    def _ready(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._ledger
+
+    def _after(self) -> dict:
+        after = conditions.capture(git=False)
+        after["git"] = (self.before or {}).get("git")
+        return after
+
+    def record_bench(self, report: Any, **kw) -> Optional["ledger.Recorded"]:
+        if not self.enabled:
+            return None
+        run, rows = ledger.bench_run(report, kw.get("source"), self.before, kw.get("node"), after=self._after())
+        return ledger.write_runs(self._ready(), [(run, "bench_rows", rows)])
+
+    def record_eval(self, result: Any, **kw) -> Optional["ledger.Recorded"]:
+        if not self.enabled:
+            return None
+        run, rows = ledger.eval_run(result, kw.get("source"), self.before, after=self._after())
+        return ledger.write_runs(self._ready(), [(run, "eval_rows", rows)])
+
+    def record_check(self, result: Any, latency: Any = None, **kw) -> Optional["ledger.Recorded"]:
+        if not self.enabled:
+            return None
+        run, rows = ledger.check_run(result, latency, kw.get("source"), self.before, after=self._after())
+        return ledger.write_runs(self._ready(), [(run, "check_rows", rows)])
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
