@@ -1,13 +1,14 @@
 """Recording without slowing the run down: open the ledger while the run measures.
 
     rec = Recorder(ledger_option, disabled=no_ledger)   # bad --ledger values fail here, before measuring
-    report = run_bench(...)                              # measures in subprocesses; this process waits
+    report = run_bench(..., progress=lambda ev, *a: rec.wait())   # opened before the first row is timed
     write_reports(report, out)                           # the run's own report first
     done = rec.record_bench(report, source=out / "bench.json")   # LedgerError (exit 2) if the ledger fails
 
 A daemon thread takes the "before" conditions (clocks, load, thermal, git) and opens the ledger
-(importing SQLAlchemy, checking the schema) while the run measures in its subprocesses, so what the
-run pays at the end is the insert itself. The thread never raises: its error is raised by the
+(importing SQLAlchemy, checking the schema) while the run prepares (manifest, integrity checks,
+target probes), so what the run pays at the end is the insert itself; ``wait()`` before the first
+timed row keeps that work out of every measurement. The thread never raises: its error is raised by the
 ``record_*`` call, after the report was written. ``disabled`` (``--no-ledger``, or
 ``EDGEPIPE_LEDGER=off``) makes every ``record_*`` a no-op returning None.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any, Optional, Union
 
 from edgepipe.pipeline import ledger
@@ -26,6 +28,7 @@ class Recorder:
     def __init__(self, spec: Union[str, os.PathLike, None] = None, disabled: bool = False):
         self.location: Optional[Location] = resolve(spec, disabled)
         self.before: Optional[dict] = None
+        self.prepare_s: Optional[float] = None  # how long the thread took (it overlaps the run)
         self._ledger = None
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
@@ -34,15 +37,24 @@ class Recorder:
             self._thread.start()
 
     def _prepare(self) -> None:
+        t0 = time.perf_counter()
         try:
             self.before = conditions.capture()
             self._ledger = ledger.Ledger.open(self.location)
         except BaseException as e:  # noqa: BLE001 - raised by record_*, after the report is written
             self._error = e
+        self.prepare_s = time.perf_counter() - t0
 
     @property
     def enabled(self) -> bool:
         return self.location is not None
+
+    def wait(self) -> None:
+        """Block until the ledger is open (or failed: raised later by record_*). Call it before the first
+        timed measurement, e.g. on run_bench's first "start" progress event, so that opening the ledger
+        never competes with a measurement for the CPU."""
+        if self._thread is not None:
+            self._thread.join()
 
     def _ready(self):
         self._thread.join()

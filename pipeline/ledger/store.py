@@ -15,6 +15,8 @@ Write transactions start with ``BEGIN IMMEDIATE`` so a writer takes the lock bef
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 from datetime import datetime, timezone
 from typing import Iterator, Optional, Union
@@ -75,13 +77,26 @@ def translate(e: BaseException, loc: Location, timeout: float) -> LedgerError:
                        "Check the URL and the database's permissions, or pass --no-ledger to skip recording")
 
 
+def _json_default(o):
+    """JSON for what reports may hold besides plain data: dataclasses, paths, sets."""
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
 def _sqlite_engine(loc: Location, timeout: float) -> Engine:
     try:
         loc.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LedgerError(f"cannot create the ledger's folder {loc.path.parent} ({e.strerror})",
                           "Pass --ledger PATH in a writable folder, or --no-ledger") from e
-    eng = create_engine(loc.url, connect_args={"timeout": timeout})
+    eng = create_engine(loc.url, connect_args={"timeout": timeout}, json_serializer=_dumps)
 
     @event.listens_for(eng, "connect")
     def _on_connect(dbapi_conn, _record):  # SQLAlchemy's documented recipe: we emit BEGIN ourselves
@@ -108,7 +123,7 @@ def _pg_engine(loc: Location, timeout: float) -> Engine:
                           "pip install 'edgepipe[postgres]' (or psycopg[binary]), or use a SQLite file") from e
     try:
         return create_engine(loc.url, connect_args={"connect_timeout": max(1, int(min(timeout, 30)))},
-                             pool_pre_ping=False)
+                             json_serializer=_dumps)
     except (ArgumentError, NoSuchModuleError) as e:
         raise LedgerError(f"cannot use the ledger URL {loc.shown} ({_first_line(e)})",
                           "Write postgresql://USER@HOST/DATABASE") from e
