@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgepipe.pipeline import ledger
+import edgepipe.pipeline.ledger as ledger
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import write_json_atomic, write_text_atomic
 

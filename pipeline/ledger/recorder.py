@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Optional, Union
 
-from edgepipe.pipeline import ledger
+import edgepipe.pipeline.ledger as ledger
 from edgepipe.pipeline.ledger import conditions
 from edgepipe.pipeline.ledger.location import Location, resolve
 
