@@ -147,6 +147,8 @@ def _print_compare(cmp) -> None:
     for r in cmp.rows:
         if r.note and r.ci is not None and r.ci.low is not None:
             con.print(f"  {r.name}: {r.note}", soft_wrap=True)
+    for n in cmp.notes:
+        con.print(f"[yellow]note:[/] {n}", soft_wrap=True)
     con.print(f"{sum(r.verdict == 'slower' for r in cmp.rows)} slower, {sum(r.verdict == 'faster' for r in cmp.rows)} "
               f"faster, {sum(r.verdict == 'no significant change' for r in cmp.rows)} without a significant change "
               f"(significant: the 95% bootstrap CI of the ratio of medians excludes 1)")

@@ -11,7 +11,7 @@ from typing import Optional
 
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.ledger.query import BenchEntry, RunData, diff_conditions
-from edgepipe.pipeline.ledger.stats import RatioCI, fmt_ci, median_ratio
+from edgepipe.pipeline.ledger.stats import RatioCI, median_ratio
 
 
 @dataclass
@@ -55,13 +55,17 @@ class Comparison:
     forced: bool = False
 
     @property
+    def notes(self) -> list[str]:
+        return [n for n in (self.a.load_note(), self.b.load_note()) if n]
+
+    @property
     def compared(self) -> list[RowComparison]:
         return [r for r in self.rows if r.ci is not None and r.ci.ratio is not None]
 
     def to_dict(self) -> dict:
         return {"a": {"label": self.a.label, "run_id": self.a.run_id, "created": self.a.created},
                 "b": {"label": self.b.label, "run_id": self.b.run_id, "created": self.b.created},
-                "forced": self.forced, "slower": sum(r.verdict == "slower" for r in self.rows),
+                "forced": self.forced, "notes": self.notes, "slower": sum(r.verdict == "slower" for r in self.rows),
                 "faster": sum(r.verdict == "faster" for r in self.rows), "rows": [r.to_dict() for r in self.rows]}
 
 
@@ -103,15 +107,3 @@ def compare_runs(a: RunData, b: RunData, force: bool = False) -> Comparison:
                         "Compare two bench runs of the same export")
     refuse_if_conditions_differ(rows, a.label, b.label, force)
     return Comparison(a, b, rows, force)
-
-
-def render_text(cmp: Comparison) -> list[str]:
-    """Plain lines for the terminal (the CLI adds colour)."""
-    out = [f"A: {cmp.a.label} ({cmp.a.created or '?'})   B: {cmp.b.label} ({cmp.b.created or '?'})",
-           "ratio = median(B) / median(A); [95% bootstrap CI of the change]"]
-    for r in cmp.rows:
-        fig = fmt_ci(r.ci) if r.ci else (r.note or "")
-        a50 = f"{r.a.p50:.4g}" if r.a and r.a.p50 else "-"
-        b50 = f"{r.b.p50:.4g}" if r.b and r.b.p50 else "-"
-        out.append(f"{r.name}: {a50} -> {b50} ms  {fig}  {r.verdict}")
-    return out

@@ -78,6 +78,23 @@ class RunData:
     created: Optional[str] = None
     model: Optional[str] = None
     git_commit: Optional[str] = None
+    load: Optional[float] = None  # the highest 1-minute load average seen around the run
+    cores: Optional[int] = None  # usable cores of the host that ran it
+
+    def load_note(self) -> Optional[str]:
+        """A warning when the run shared its CPUs: its figures include that contention."""
+        if self.load is None or not self.cores or self.load <= 0.75 * self.cores:
+            return None
+        return (f"{self.label} ran under load (load average {self.load:.1f} on {self.cores} usable cores): its "
+                f"latencies include that contention")
+
+
+def _load(conds: Optional[dict], rows: list[dict]) -> tuple[Optional[float], Optional[int]]:
+    conds = conds or {}
+    host = conds.get("host") or {}
+    seen = [x[0] for x in (conds.get("loadavg_before"), conds.get("loadavg_after"), host.get("loadavg"),
+                           *[(r.get("extra") or r).get("loadavg") for r in rows]) if isinstance(x, list) and x]
+    return (max(seen) if seen else None), (host.get("cpu") or {}).get("usable_cores")
 
 
 def diff_conditions(a: BenchEntry, b: BenchEntry) -> list[str]:
@@ -97,7 +114,8 @@ def load_bench_file(path: Path) -> RunData:
         raise UserError(f"{p} is not an edgepipe bench report", "Give the bench.json that `edgepipe bench` wrote")
     shas, _, folder = manifest_facts(d.get("manifest"))
     entries = [BenchEntry.from_values(v) for v in bench_row_values(d, shas, folder)]
-    return RunData(str(p), entries, None, d.get("created"), (d.get("model") or {}).get("name"))
+    load, cores = _load({"host": d.get("host")}, d["rows"])
+    return RunData(str(p), entries, None, d.get("created"), (d.get("model") or {}).get("name"), None, load, cores)
 
 
 # --------------------------------------------------------------------------------------------- ledger
@@ -121,8 +139,12 @@ def load_run(led: Ledger, run_id: int) -> RunData:
         ids = _bench_run_ids(conn, run_id)
         head = conn.execute(select(r.c.created, r.c.model, r.c.git_commit).where(r.c.id == run_id)).first()
         rows = conn.execute(select(t).where(t.c.run_id.in_(ids)).order_by(t.c.id)).mappings().all()
+        conds = conn.execute(select(r.c.conditions).where(r.c.id.in_(ids))).scalars().all()
     entries = [BenchEntry.from_values(dict(v), v["id"], v["run_id"]) for v in rows]
-    return RunData(f"run {run_id}", entries, run_id, head.created, head.model, head.git_commit)
+    loads = [_load(c, [dict(v) for v in rows]) for c in conds]
+    load = max((x for x, _ in loads if x is not None), default=None)
+    cores = next((c for _, c in loads if c), None)
+    return RunData(f"run {run_id}", entries, run_id, head.created, head.model, head.git_commit, load, cores)
 
 
 def latest_run_id(led: Ledger, back: int = 0, model: Optional[str] = None) -> int:
