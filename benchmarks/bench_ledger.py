@@ -90,6 +90,29 @@ def overhead(export: Path, work: Path, rounds: int) -> dict:
             "process_ratio": statistics.median(b / a for a, b in zip(off, on)), "rounds": rounds}
 
 
+def same_code_twice(export: Path, work: Path, runs: int) -> dict:
+    """A/A: the same export benched ``runs`` times in a row, each run compared with the one before.
+    Nothing changed, so every 'significant' row and every latency-gate failure is a false alarm of
+    real run-to-run variation (load, clocks, caches), which the within-run bootstrap does not model."""
+    from edgepipe.pipeline.ledger import compare_runs, gate_runs, resolve_run
+
+    led = str(work / "aa.sqlite")
+    ids = [_drive(export, work / f"aa{i}", led)[1]["run_id"] for i in range(runs)]
+    sig = fails = rows = 0
+    loads = []
+    with Ledger.open(led) as ledger:
+        for a, b in zip(ids, ids[1:]):
+            ra, rb = resolve_run(str(a), ledger), resolve_run(str(b), ledger)
+            cmp = compare_runs(ra, rb)
+            gate = gate_runs(ra, rb, 5.0)
+            rows += len(cmp.compared)
+            sig += sum(r.ci.significant for r in cmp.compared)
+            fails += len(gate.failed)
+            loads.append(rb.load)
+    return {"pairs": runs - 1, "rows": rows, "significant": sig, "gate5_failures": fails,
+            "load": max(x for x in loads if x is not None) if any(x is not None for x in loads) else None}
+
+
 def build_big(url: str, rows_total: int = 100_000) -> float:
     """A ledger of ``rows_total`` bench rows (50 per run), written in batches of 100 runs."""
     from ledger_helpers import bench_report, bench_row
@@ -147,6 +170,8 @@ def main() -> None:
     ap.add_argument("--postgres", help="Also time history on this (empty) PostgreSQL database URL.")
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--skip-history", action="store_true")
+    ap.add_argument("--aa", type=int, default=0, metavar="N",
+                    help="Also bench the same export N times and count false alarms between consecutive runs.")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-ledger-") as td:
         work = Path(td)
@@ -157,6 +182,13 @@ def main() -> None:
             print(f"   median of {o['rounds']}: without {o['without_s']:.2f} s, with {o['with_s']:.2f} s "
                   f"(ratio {o['process_ratio']:.3f}); recording after the report: {o['tail_s'] * 1000:.0f} ms = "
                   f"{o['tail_share']:.2%} of the run (goal < 2%)")
+        if args.aa > 1:
+            export = args.export or _export(work / "tiny-export")
+            print(f"3. A/A: the same export benched {args.aa} times, each run compared with the previous one")
+            a = same_code_twice(export, work, args.aa)
+            print(f"   {a['pairs']} pairs, {a['rows']} rows compared: {a['significant']} called significant "
+                  f"({a['significant'] / max(1, a['rows']):.0%}), {a['gate5_failures']} latency-gate failures at a 5% "
+                  f"budget ({a['gate5_failures'] / max(1, a['rows']):.0%}); highest load average {a['load']}")
         targets = [] if args.skip_history else [("sqlite", str(work / "big.sqlite"))]
         targets += [("postgresql", args.postgres)] if args.postgres else []
         for kind, url in targets:

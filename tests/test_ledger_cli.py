@@ -178,3 +178,27 @@ def test_real_bench_recorded_twice_then_compared_and_gated(tiny_export, tmp_path
         record_bench(rep, led, source=paths["json"])
     assert json.loads(paths["json"].read_text())["kind"] == "edgepipe-bench"
     assert os.path.getsize(led) == 7 * 64
+
+
+def test_recorder_opens_in_the_background_and_raises_at_record_time(tmp_path, monkeypatch):
+    from edgepipe.pipeline.base.errors import UserError
+    from edgepipe.pipeline.ledger import LedgerError, Recorder
+
+    rep = bench_report([bench_row("tflite-fp32", sha256="a" * 64)])
+    with Recorder(tmp_path / "ok.sqlite") as rec:
+        rec.wait()
+        assert rec.before["loadavg"] is not None and rec.prepare_s is not None
+        done = rec.record_bench(rep, source=tmp_path / "bench.json")
+        assert done.run_id == 1 and done.rows["bench_rows"] == [1]
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not sqlite" * 50)
+    rec = Recorder(bad)  # the error is kept, not raised, while the run measures
+    rec.wait()
+    with pytest.raises(LedgerError, match="corrupt"):
+        rec.record_bench(rep)
+    rec.close()
+    assert Recorder(tmp_path / "x.sqlite", disabled=True).record_bench(rep) is None
+    monkeypatch.setenv("EDGEPIPE_LEDGER", "off")
+    assert Recorder().record_bench(rep) is None
+    with pytest.raises(UserError, match="scheme 'mysql'"):  # bad --ledger values fail before measuring
+        Recorder("mysql://u@h/db")
