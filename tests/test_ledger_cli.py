@@ -194,8 +194,8 @@ def test_recorder_opens_in_the_background_and_raises_at_record_time(tmp_path, mo
     bad.write_bytes(b"not sqlite" * 50)
     rec = Recorder(bad)  # the error is kept, not raised, while the run measures
     rec.wait()
-    with pytest.raises(LedgerError, match="corrupt"):
-        rec.record_bench(rep)
+    with pytest.raises(LedgerError, match=r"corrupt .* \(OUT/bench.json was written\)"):
+        rec.record_bench(rep, source="OUT/bench.json")
     rec.close()
     assert Recorder(tmp_path / "x.sqlite", disabled=True).record_bench(rep) is None
     monkeypatch.setenv("EDGEPIPE_LEDGER", "off")

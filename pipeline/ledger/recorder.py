@@ -67,23 +67,31 @@ class Recorder:
         after["git"] = (self.before or {}).get("git")
         return after
 
-    def record_bench(self, report: Any, **kw) -> Optional["ledger.Recorded"]:
-        if not self.enabled:
-            return None
-        run, rows = ledger.bench_run(report, kw.get("source"), self.before, kw.get("node"), after=self._after())
-        return ledger.write_runs(self._ready(), [(run, "bench_rows", rows)])
+    def _write(self, run: dict, table: str, rows: list, source) -> "ledger.Recorded":
+        try:
+            return ledger.write_runs(self._ready(), [(run, table, rows)])
+        except ledger.LedgerError as e:
+            kept = f" ({source} was written)" if source else ""
+            raise ledger.LedgerError(f"{e.message.rstrip('.')}{kept}", e.hint) from e
 
-    def record_eval(self, result: Any, **kw) -> Optional["ledger.Recorded"]:
+    def record_bench(self, report: Any, source=None, node: Optional[str] = None) -> Optional["ledger.Recorded"]:
+        """Record a bench report (None when recording is off). ``source``: the bench.json just written."""
         if not self.enabled:
             return None
-        run, rows = ledger.eval_run(result, kw.get("source"), self.before, after=self._after())
-        return ledger.write_runs(self._ready(), [(run, "eval_rows", rows)])
+        run, rows = ledger.bench_run(report, source, self.before, node, after=self._after())
+        return self._write(run, "bench_rows", rows, source)
 
-    def record_check(self, result: Any, latency: Any = None, **kw) -> Optional["ledger.Recorded"]:
+    def record_eval(self, result: Any, source=None) -> Optional["ledger.Recorded"]:
         if not self.enabled:
             return None
-        run, rows = ledger.check_run(result, latency, kw.get("source"), self.before, after=self._after())
-        return ledger.write_runs(self._ready(), [(run, "check_rows", rows)])
+        run, rows = ledger.eval_run(result, source, self.before, after=self._after())
+        return self._write(run, "eval_rows", rows, source)
+
+    def record_check(self, result: Any, latency: Any = None, source=None) -> Optional["ledger.Recorded"]:
+        if not self.enabled:
+            return None
+        run, rows = ledger.check_run(result, latency, source, self.before, after=self._after())
+        return self._write(run, "check_rows", rows, source)
 
     def close(self) -> None:
         if self._thread is not None:
