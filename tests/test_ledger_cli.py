@@ -170,8 +170,8 @@ def test_real_bench_recorded_twice_then_compared_and_gated(tiny_export, tmp_path
         assert all(len(e.samples) >= 30 for e in a.entries)
         cmp = compare_runs(a, b)  # same host, threads, runtimes: comparable
         assert all(r.ci is not None and r.ci.low is not None for r in cmp.rows)
-        gate = latency_gate(str(ids[0]), str(tmp_path / "run1" / "bench.json"), 50.0, ledger=ledger)
-        assert gate.passed, gate.to_dict()  # the same machine twice is not 50% slower
+        gate = latency_gate(str(ids[0]), str(tmp_path / "run1" / "bench.json"), 100.0, ledger=ledger)
+        assert gate.passed, gate.to_dict()  # the same machine twice is not twice as slow
     # a corrupt ledger: the report on disk stays, the recorder fails in one line
     Path(led).write_bytes(b"garbage" * 64)
     with pytest.raises(LedgerError, match="corrupt"):
