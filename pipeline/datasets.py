@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from edgepipe.pipeline.calibration import list_images, load_image
+from edgepipe.pipeline.images import list_images, load_image
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.preprocessing import Preprocessing, to_channels
 
