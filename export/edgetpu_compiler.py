@@ -72,7 +72,7 @@ class CompilerLog:
         return d
 
 
-def _first(pattern: str, text: str, flags=re.M) -> Optional[str]:
+def _first(pattern: str, text: str, flags: int = re.M) -> Optional[str]:
     m = re.search(pattern, text, flags)
     return m.group(1).strip() if m else None
 
@@ -83,7 +83,7 @@ def _int(s: Optional[str]) -> Optional[int]:
 
 def parse_operation_table(text: str) -> list[dict]:
     """Rows of the 'Operator  Count  Status' table (console output or the .log file)."""
-    rows = []
+    rows: list[dict] = []
     lines = text.splitlines()
     start = None
     for i, line in enumerate(lines):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -159,10 +160,12 @@ class ONNXFormat(Format):
         for method in CALIB_METHODS:
             if method != used:
                 o = dataclasses.replace(options, calib_method=method)
-                group.append(Recovery(f"{method} calibration", "int8", "int8",
-                                      lambda d, o=o: self.export(traced, "int8", calibration, d, o),
-                                      info={"method": method}))
+                run = partial(self._export_to, traced, calibration, o)
+                group.append(Recovery(f"{method} calibration", "int8", "int8", run, info={"method": method}))
         yield group
+
+    def _export_to(self, traced: Traced, calibration: Calibration, options: ONNXOptions, dest: Path) -> ExportResult:
+        return self.export(traced, "int8", calibration, dest, options)
 
     def close(self) -> None:
         self._fp32.clear()

@@ -12,6 +12,7 @@ import io
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -137,14 +138,14 @@ class TFLiteFormat(Format):
         yield [Recovery("int16x8 activations", "int16x8", "int16x8",
                         lambda d: self.export(traced, "int16x8", calibration, d, options))]
         for k, nodes, model, secs in _denylisted_models(traced, calibration, DENYLIST_STEPS):
-            yield [Recovery(f"{k} sensitive layer(s) in float", "int8", "int8_mixed",
-                            lambda d, m=model: _write_mixed(d, m), info={"float_nodes": nodes}, convert_s=secs)]
+            yield [Recovery(f"{k} sensitive layer(s) in float", "int8", "int8_mixed", partial(_write_mixed, model=model),
+                            info={"float_nodes": nodes}, convert_s=secs)]
 
     def close(self) -> None:
         self._converted.clear()
 
 
-def _write_mixed(dest: Path, model: bytes) -> ExportResult:
+def _write_mixed(dest: Path, *, model: bytes) -> ExportResult:
     dest.write_bytes(model)
     return ExportResult(dest, options={"converter": "tf.lite.experimental.QuantizationDebugger",
                                        "io": "float32", "per_channel": True})

@@ -66,7 +66,7 @@ class FolderReader(Reader):
 
     def identity(self) -> dict:
         self.validate()
-        root = Path(self.location)
+        root = Path(self.location or "")
         listing = [(str(f.relative_to(root)), f.stat().st_size, int(f.stat().st_mtime)) for f in self.files]
         return {"reader": self.name, "location": str(root.resolve()), "seed": self.seed,
                 "files": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
@@ -106,7 +106,7 @@ class DigitsReader(Reader):
         idx = rng.permutation(train)[:n]
         out = []
         for img in digit_pixels(d.images[idx]):
-            im = Image.fromarray(img, "L").resize((width, height), Image.BILINEAR)
+            im = Image.fromarray(img, "L").resize((width, height), Image.Resampling.BILINEAR)
             out.append(np.asarray(im, np.float32)[..., None])
         return to_channels(np.stack(out), channels)
 

@@ -94,6 +94,12 @@ class ExportRun:
             timings["reference_s"] = _seconds(t0)
         return cls(req, traced, calibration, vset, create(req.formats), progress, timings)
 
+    def format(self, name: str) -> Format:
+        """This export's instance of a format (made on first use for one outside the plan)."""
+        if name not in self.formats:
+            self.formats[name] = create([name])[name]
+        return self.formats[name]
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()

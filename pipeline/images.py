@@ -19,7 +19,7 @@ def load_image(path: Path, height: int, width: int, channels: int) -> np.ndarray
     """(H, W, C) float32 pixels 0-255, resized bilinearly, gray (C=1) or RGB (C=3)."""
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
-        im = im.resize((width, height), Image.BILINEAR)
+        im = im.resize((width, height), Image.Resampling.BILINEAR)
         a = np.asarray(im, dtype=np.float32)
     if a.ndim == 2:
         a = a[..., None]

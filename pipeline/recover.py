@@ -129,7 +129,7 @@ def _recover_one(run: ExportRun, a: Artifact, ev: _Evaluator, budget: float, wor
         return rec
     what = "evaluation failed" if first.drop is None else f"drop {first.drop:.2f} > {budget:g}"
     _note(run.progress, f"{a.id}: {what}; trying recoveries")
-    f = run.formats[a.format]
+    f = run.format(a.format)
     if run.calibration is None:
         rec.note = "no calibration data to re-quantize with"
         return rec
@@ -178,7 +178,7 @@ def _adopt(run: ExportRun, a: Artifact, best: RecoveryAttempt, dest: Path, res: 
     """Put the chosen attempt in place of the artifact and verify it like the export did."""
     assert a.path is not None
     folder = run.req.folder
-    fname = a.path if r.tag == a.precision else run.formats[a.format].filename(run.traced.source.name, r.tag)
+    fname = a.path if r.tag == a.precision else run.format(a.format).filename(run.traced.source.name, r.tag)
     old = folder / a.path
     with atomic_path(folder / fname) as tmp:
         shutil.copyfile(dest, tmp)

@@ -195,7 +195,7 @@ class ArtifactRecovery:
         return min(drops) if drops else float("inf")
 
     def to_dict(self) -> dict:
-        d = {"artifact": self.artifact, "attempts": [a.to_dict() for a in self.attempts]}
+        d: dict[str, Any] = {"artifact": self.artifact, "attempts": [a.to_dict() for a in self.attempts]}
         if self.note:
             d["note"] = self.note
         d.update(chosen=self.chosen, meets=self.meets, best_drop=self.best_drop)
