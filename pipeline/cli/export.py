@@ -62,71 +62,76 @@ def _terminal() -> Iterator[IO[str]]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("export", no_args_is_help=True)
-    def export_cmd(
-        ctx: typer.Context,
-        model: str = typer.Argument(..., help="Built-in name (mobilenet, resnet50, ...), a .keras/.h5 file or a SavedModel folder."),
-        int8: bool = typer.Option(False, "--int8", help="Export the int8 variant of every selected format."),
-        formats: Optional[str] = typer.Option(None, "--formats", "-f", help="Comma list: tflite,onnx,coreml,edgetpu (default: tflite,onnx,coreml)."),
-        precisions: Optional[str] = typer.Option(None, "--precisions", "-p", help="Comma list: fp32,fp16,dynamic,int8,int16x8,palettized."),
-        out: Path = typer.Option(Path("edgepipe-out"), "--out", "-o", help="Output folder; artifacts go to OUT/<model>/."),
-        weights: str = typer.Option("imagenet", "--weights", help="Built-ins: imagenet | none | PATH to a weights file."),
-        input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or HxW."),
-        alpha: Optional[float] = typer.Option(None, "--alpha", help="Width multiplier (MobileNet family)."),
-        classes: Optional[int] = typer.Option(None, "--classes", help="Number of classes (with --weights none)."),
-        preprocess: Optional[str] = typer.Option(None, "--preprocess", help="none|unit|tf|caffe|torch (model files default to none: raw 0-255)."),
-        mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean override, e.g. 0.485,0.456,0.406."),
-        std: Optional[str] = typer.Option(None, "--std", help="Per-channel std override."),
-        scale: Optional[float] = typer.Option(None, "--scale", help="Pixel scale override (applied before mean/std)."),
-        labels: Optional[str] = typer.Option(None, "--labels", help="Text file with one class name per line."),
-        trust_model: bool = typer.Option(False, "--trust-model", help="Load Keras lambda layers (runs code from the model file)."),
-        data: Optional[str] = typer.Option(None, "--data", help="Folder of calibration images (searched recursively)."),
-        calib: Optional[str] = typer.Option(None, "--calib", help="Calibration source without --data: digits | random."),
-        calib_samples: int = typer.Option(100, "--calib-samples", help="Number of calibration images."),
-        calib_method: Optional[str] = typer.Option(None, "--calib-method", help="ONNX int8 calibration: minmax|entropy|percentile."),
-        onnx_int8: str = typer.Option("u8s8-reduce-range", "--onnx-int8", help="ONNX int8 kernels: u8s8-reduce-range (safe on AVX2 without VNNI) | u8u8 | u8s8 | s8s8."),
-        onnx_opset: int = typer.Option(17, "--onnx-opset", help="ONNX opset (13-18)."),
-        int8_io: str = typer.Option("int8", "--int8-io", help="TFLite full-integer I/O type: int8 | uint8 | float32."),
-        palette_bits: int = typer.Option(6, "--palette-bits", help="Core ML palettized: bits per weight (1,2,3,4,6,8)."),
-        edgetpu_compiler: str = typer.Option("edgetpu_compiler", "--edgetpu-compiler", help="Edge TPU compiler name or path."),
-        edgetpu_timeout: float = typer.Option(180.0, "--edgetpu-timeout", help="Seconds the Edge TPU compiler may take."),
-        seed: int = typer.Option(0, "--seed", help="Seed for --weights none and random calibration."),
-        verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify every artifact against the source model."),
-        verify_samples: int = typer.Option(8, "--verify-samples", help="Images used to verify each artifact."),
-        targets: Optional[str] = typer.Option(None, "--targets", help="Devices you will run on; with --int8, 'edgetpu' adds the Edge TPU artifact."),
-        require_full_edgetpu: bool = typer.Option(False, "--require-full-edgetpu", help="Exit 1 when any op of an Edge TPU artifact would run on the CPU."),
-        cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
-        parallel: bool = typer.Option(True, "--parallel/--serial", help="Convert TFLite in a worker process while the other formats convert."),
-        json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-        max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --int8: top-1 points an int8 artifact may lose on --eval-data; over it, recoveries are tried (see docs/ci.md)."),
-        eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled set for --max-drop: a folder with one subfolder per class, or 'digits' (default with --calib digits)."),
-    ) -> None:
-        """Convert a model to verified TFLite, ONNX and Core ML artifacts."""
-        debug = _debug(ctx)
-        if not debug:
-            quiet_tensorflow()
-        unwind_on_sigterm()
-        options = {"int8_io": int8_io, "onnx_int8": onnx_int8, "calib_method": calib_method, "onnx_opset": onnx_opset,
-                   "palette_bits": palette_bits, "edgetpu_compiler": edgetpu_compiler,
-                   "edgetpu_timeout": edgetpu_timeout}
-        # Without --debug, converter output goes to OUT/<model>/export.log (the library captures it);
-        # the terminal shows progress (on a duplicate of stderr), the table and one-line errors.
-        with _terminal() as term, (stdout_to_stderr() if debug else contextlib.nullcontext()), \
-                _Progress(_console(term), quiet=json_out) as prog:
-            outcome = export_stage.export(
-                model, formats=formats, precisions=precisions, int8=int8, out=out, data=data, calib=calib,
-                calib_samples=calib_samples, options=options, weights=weights, input_size=input_size, alpha=alpha,
-                classes=classes, preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                scale=scale, labels=labels, trust_model=trust_model, seed=seed, verify=verify,
-                verify_samples=verify_samples, cache=cache, parallel=parallel, targets=targets, max_drop=max_drop,
-                eval_data=eval_data, require_full_edgetpu=require_full_edgetpu, capture_output=not debug,
-                progress=prog)
-        if json_out:
-            sys.stdout.write(json.dumps(outcome.manifest.to_dict(), indent=2, default=str) + "\n")
-            sys.stdout.flush()
-        else:
-            print_outcome(outcome, _console())
-        outcome.raise_for_status()
+    app.command("export", no_args_is_help=True)(export_cmd)
+
+
+def export_cmd(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Built-in name (mobilenet, resnet50, ...), a .keras/.h5 file or a SavedModel folder."),
+    int8: bool = typer.Option(False, "--int8", help="Export the int8 variant of every selected format."),
+    formats: Optional[str] = typer.Option(None, "--formats", "-f", help="Comma list: tflite,onnx,coreml,edgetpu (default: tflite,onnx,coreml)."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", "-p", help="Comma list: fp32,fp16,dynamic,int8,int16x8,palettized."),
+    out: Path = typer.Option(Path("edgepipe-out"), "--out", "-o", help="Output folder; artifacts go to OUT/<model>/."),
+    weights: str = typer.Option("imagenet", "--weights", help="Built-ins: imagenet | none | PATH to a weights file."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or HxW."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Width multiplier (MobileNet family)."),
+    classes: Optional[int] = typer.Option(None, "--classes", help="Number of classes (with --weights none)."),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="none|unit|tf|caffe|torch (model files default to none: raw 0-255)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean override, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std override."),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Pixel scale override (applied before mean/std)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Text file with one class name per line."),
+    trust_model: bool = typer.Option(False, "--trust-model", help="Load Keras lambda layers (runs code from the model file)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Folder of calibration images (searched recursively)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration source without --data: digits | random."),
+    calib_samples: int = typer.Option(100, "--calib-samples", help="Number of calibration images."),
+    calib_method: Optional[str] = typer.Option(None, "--calib-method", help="ONNX int8 calibration: minmax|entropy|percentile."),
+    onnx_int8: str = typer.Option("u8s8-reduce-range", "--onnx-int8", help="ONNX int8 kernels: u8s8-reduce-range (safe on AVX2 without VNNI) | u8u8 | u8s8 | s8s8."),
+    onnx_opset: int = typer.Option(17, "--onnx-opset", help="ONNX opset (13-18)."),
+    int8_io: str = typer.Option("int8", "--int8-io", help="TFLite full-integer I/O type: int8 | uint8 | float32."),
+    palette_bits: int = typer.Option(6, "--palette-bits", help="Core ML palettized: bits per weight (1,2,3,4,6,8)."),
+    edgetpu_compiler: str = typer.Option("edgetpu_compiler", "--edgetpu-compiler", help="Edge TPU compiler name or path."),
+    edgetpu_timeout: float = typer.Option(180.0, "--edgetpu-timeout", help="Seconds the Edge TPU compiler may take."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --weights none and random calibration."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Verify every artifact against the source model."),
+    verify_samples: int = typer.Option(8, "--verify-samples", help="Images used to verify each artifact."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Devices you will run on; with --int8, 'edgetpu' adds the Edge TPU artifact."),
+    require_full_edgetpu: bool = typer.Option(False, "--require-full-edgetpu", help="Exit 1 when any op of an Edge TPU artifact would run on the CPU."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
+    parallel: bool = typer.Option(True, "--parallel/--serial", help="Convert TFLite in a worker process while the other formats convert."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --int8: top-1 points an int8 artifact may lose on --eval-data; over it, recoveries are tried (see docs/ci.md)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled set for --max-drop: a folder with one subfolder per class, or 'digits' (default with --calib digits)."),
+) -> None:
+    """Convert a model to verified TFLite, ONNX and Core ML artifacts."""
+    options = {"int8_io": int8_io, "onnx_int8": onnx_int8, "calib_method": calib_method, "onnx_opset": onnx_opset,
+               "palette_bits": palette_bits, "edgetpu_compiler": edgetpu_compiler, "edgetpu_timeout": edgetpu_timeout}
+    _run(ctx, json_out, dict(
+        model=model, formats=formats, precisions=precisions, int8=int8, out=out, data=data, calib=calib,
+        calib_samples=calib_samples, options=options, weights=weights, input_size=input_size, alpha=alpha,
+        classes=classes, preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
+        labels=labels, trust_model=trust_model, seed=seed, verify=verify, verify_samples=verify_samples, cache=cache,
+        parallel=parallel, targets=targets, max_drop=max_drop, eval_data=eval_data,
+        require_full_edgetpu=require_full_edgetpu))
+
+
+def _run(ctx: typer.Context, json_out: bool, kw: dict) -> None:
+    """The library call with progress on the terminal, then the table (or --json), then the exit status."""
+    debug = _debug(ctx)
+    if not debug:
+        quiet_tensorflow()
+    unwind_on_sigterm()
+    # Without --debug, converter output goes to OUT/<model>/export.log (the library captures it);
+    # the terminal shows progress (on a duplicate of stderr), the table and one-line errors.
+    with _terminal() as term, (stdout_to_stderr() if debug else contextlib.nullcontext()), \
+            _Progress(_console(term), quiet=json_out) as prog:
+        outcome = export_stage.export(**kw, capture_output=not debug, progress=prog)
+    if json_out:
+        sys.stdout.write(json.dumps(outcome.manifest.to_dict(), indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    else:
+        print_outcome(outcome, _console())
+    outcome.raise_for_status()
 
 
 class _Count(ProgressColumn):
