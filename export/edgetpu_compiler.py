@@ -72,7 +72,7 @@ class CompilerLog:
         return d
 
 
-def _first(pattern: str, text: str, flags=re.M) -> Optional[str]:
+def _first(pattern: str, text: str, flags: int = re.M) -> Optional[str]:
     m = re.search(pattern, text, flags)
     return m.group(1).strip() if m else None
 
@@ -83,7 +83,7 @@ def _int(s: Optional[str]) -> Optional[int]:
 
 def parse_operation_table(text: str) -> list[dict]:
     """Rows of the 'Operator  Count  Status' table (console output or the .log file)."""
-    rows = []
+    rows: list[dict] = []
     lines = text.splitlines()
     start = None
     for i, line in enumerate(lines):
@@ -184,7 +184,7 @@ class CompileResult:
             "ops_edgetpu": lg.ops_edgetpu, "ops_cpu": lg.ops_cpu, "total_ops": lg.total_ops,
             "subgraphs": lg.subgraphs, "on_chip_bytes": lg.on_chip_bytes,
             "on_chip_remaining_bytes": lg.on_chip_remaining_bytes, "off_chip_bytes": lg.off_chip_bytes,
-            "operations": lg.operations, "cpu_ops": lg.cpu_ops,
+            "operations": lg.operations, "cpu_ops": lg.cpu_ops, "fully_mapped": lg.fully_mapped,
         }
 
 
@@ -220,6 +220,61 @@ def _text(out: Any) -> str:
     return str(out)
 
 
+@dataclass
+class _Run:
+    """What running the compiler process gave."""
+
+    output: str = ""
+    returncode: Optional[int] = None
+    timed_out: bool = False
+    error: Optional[str] = None
+    seconds: float = 0.0
+
+
+def _run_compiler(cmd: list[str], cwd: Path, timeout: float, exe: str) -> _Run:
+    run = _Run()
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                           cwd=cwd, check=False)
+        run.returncode, run.output = r.returncode, _text(r.stdout)
+    except subprocess.TimeoutExpired as e:  # run() has killed the child
+        run.timed_out, run.output = True, _text(e.stdout if e.stdout is not None else e.output)
+        run.error = f"edgetpu_compiler did not finish within {timeout:g} s"
+    except OSError as e:
+        run.output, run.error = str(e), f"could not run {exe}: {e}"
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def _console_log(cmd: list[str], run: _Run, timeout: float) -> str:
+    out = run.output
+    return (f"$ {' '.join(cmd)}\n{out}" + ("" if out.endswith("\n") or not out else "\n")
+            + (f"[edgepipe] killed after {timeout:g} s\n" if run.timed_out else "")
+            + (f"[edgepipe] exit status {run.returncode}\n" if run.returncode is not None else ""))
+
+
+def _command(exe: str, version: Optional[str], work: Path, timeout: float, extra_args: tuple[str, ...],
+             src: Path) -> list[str]:
+    cmd = [exe, "--show_operations", "--out_dir", str(work)]
+    if _major(version) >= 16:
+        cmd += ["--timeout_sec", str(max(1, int(timeout)))]
+    return cmd + [*extra_args, str(src.resolve())]
+
+
+def _keep_operation_log(work: Path, out: Path, stem: str, log: CompilerLog, output: str) -> Optional[Path]:
+    """Move the compiler's own <stem>_edgetpu.log into ``out``; read its table if the console had none."""
+    own_log = work / f"{stem}_edgetpu.log"
+    if not own_log.is_file():
+        return None
+    op_log = out / own_log.name
+    os.replace(own_log, op_log)
+    if not log.operations:
+        log.operations = parse_operation_table(op_log.read_text(errors="replace"))
+        _derive_counts(log, output)
+    return op_log
+
+
 def compile_edgetpu(tflite_path: Union[str, Path], out_dir: Union[str, Path], timeout: float = 180.0,
                     compiler: str = "edgetpu_compiler", extra_args: tuple[str, ...] = ()) -> CompileResult:
     """Run edgetpu_compiler on one model; keep its console log next to the artifact.
@@ -241,78 +296,49 @@ def compile_edgetpu(tflite_path: Union[str, Path], out_dir: Union[str, Path], ti
     stem = src.stem
     version = compiler_version(exe, timeout=min(30.0, timeout))
     work = Path(tempfile.mkdtemp(prefix=".tmp-edgetpu-", dir=out))
-    cmd = [exe, "--show_operations", "--out_dir", str(work)]
-    if _major(version) >= 16:
-        cmd += ["--timeout_sec", str(max(1, int(timeout)))]
-    cmd += [*extra_args, str(src.resolve())]
-    log_path = out / f"{stem}_edgetpu.compiler.log"
-    t0 = time.perf_counter()
-    timed_out, rc, output, error = False, None, "", None
     try:
-        try:
-            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                               cwd=work, check=False)
-            rc, output = r.returncode, _text(r.stdout)
-        except subprocess.TimeoutExpired as e:  # run() has killed the child
-            timed_out, output = True, _text(e.stdout if e.stdout is not None else e.output)
-            error = f"edgetpu_compiler did not finish within {timeout:g} s"
-        except OSError as e:
-            output, error = str(e), f"could not run {exe}: {e}"
-        seconds = time.perf_counter() - t0
-        _write_atomic(log_path, f"$ {' '.join(cmd)}\n{output}"
-                      + ("" if output.endswith("\n") or not output else "\n")
-                      + (f"[edgepipe] killed after {timeout:g} s\n" if timed_out else "")
-                      + (f"[edgepipe] exit status {rc}\n" if rc is not None else ""))
-        log = parse_compiler_log(output)
+        cmd = _command(exe, version, work, timeout, extra_args, src)
+        run = _run_compiler(cmd, work, timeout, exe)
+        log_path = write_text_atomic(out / f"{stem}_edgetpu.compiler.log", _console_log(cmd, run, timeout))
+        log = parse_compiler_log(run.output)
         if log.version is None:
             log.version = version
-        op_log = None
-        own_log = work / f"{stem}_edgetpu.log"
-        if own_log.is_file():
-            op_log = out / own_log.name
-            os.replace(own_log, op_log)
-            if not log.operations:
-                log.operations = parse_operation_table(op_log.read_text(errors="replace"))
-                _derive_counts(log, output)
+        op_log = _keep_operation_log(work, out, stem, log, run.output)
         produced = work / f"{stem}_edgetpu.tflite"
-        artifact = None
-        if not timed_out and rc == 0 and produced.is_file():
+        artifact, error = None, run.error
+        if not run.timed_out and run.returncode == 0 and produced.is_file():
             artifact = out / produced.name
             os.replace(produced, artifact)
         elif error is None:
-            if rc != 0:
-                error = log.error or f"edgetpu_compiler exited with status {rc}"
-            else:
-                error = f"edgetpu_compiler reported success but wrote no {produced.name}"
+            error = (log.error or f"edgetpu_compiler exited with status {run.returncode}" if run.returncode != 0
+                     else f"edgetpu_compiler reported success but wrote no {produced.name}")
         return CompileResult(ok=artifact is not None and error is None, command=cmd, log_path=log_path,
-                             artifact=artifact, operation_log_path=op_log, returncode=rc, timed_out=timed_out,
-                             seconds=seconds, log=log, error=error)
+                             artifact=artifact, operation_log_path=op_log, returncode=run.returncode,
+                             timed_out=run.timed_out, seconds=run.seconds, log=log, error=error)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
-def report_from_compile(result: CompileResult, prediction: Optional[dict] = None) -> dict:
-    """The dict recorded in ExportResult.extra["edgetpu"] after a real compile."""
-    lg = result.log
-    n_tpu, n_cpu = lg.ops_edgetpu or 0, lg.ops_cpu or 0
+def report_from_compile(result: Union[CompileResult, dict], prediction: Optional[dict] = None) -> dict:
+    """The Edge TPU record of an artifact after a real compile: ``result`` is a CompileResult or its
+    ``summary()``; ``prediction`` the placement prediction of the same (uncompiled) model."""
+    s = result.summary() if isinstance(result, CompileResult) else dict(result)
+    n_tpu, n_cpu = s.get("ops_edgetpu") or 0, s.get("ops_cpu") or 0
+    total = s.get("total_ops")
     d = {
-        "compiled": result.ok,
+        "compiled": bool(s.get("ok")),
         "kind": "compiler",
-        "compiler_version": lg.version,
-        "counts": {EDGETPU: n_tpu, CPU: n_cpu, "total": lg.total_ops if lg.total_ops is not None else n_tpu + n_cpu},
-        "fully_mapped": lg.fully_mapped,
-        "subgraphs": lg.subgraphs,
-        "on_chip_bytes": lg.on_chip_bytes,
-        "off_chip_bytes": lg.off_chip_bytes,
+        "compiler_version": s.get("version"),
+        "counts": {EDGETPU: n_tpu, CPU: n_cpu, "total": total if total is not None else n_tpu + n_cpu},
+        "fully_mapped": bool(s.get("fully_mapped")),
+        "subgraphs": s.get("subgraphs"),
+        "on_chip_bytes": s.get("on_chip_bytes"),
+        "off_chip_bytes": s.get("off_chip_bytes"),
         "compiler_ops": [{"type": r["op"], "count": r["count"], "placement": r["placement"], "reason": r["status"]}
-                         for r in lg.operations],
-        "log_path": str(result.log_path),
-        "operation_log_path": str(result.operation_log_path) if result.operation_log_path else None,
-        "error": result.error,
+                         for r in s.get("operations") or []],
+        "log_path": s.get("log_path"),
+        "operation_log_path": s.get("operation_log_path"),
+        "error": s.get("error"),
     }
     if prediction is not None:
         d["prediction"] = dict(prediction)
@@ -320,7 +346,7 @@ def report_from_compile(result: CompileResult, prediction: Optional[dict] = None
 
 
 def report_from_prediction(prediction: dict, why_not_compiled: str) -> dict:
-    """The dict recorded in ExportResult.extra["edgetpu"] when no compiler ran."""
+    """The Edge TPU record of an artifact when no compiler ran: the placement prediction."""
     d = dict(prediction)
     d.update({"compiled": False, "compiler_version": None, "log_path": None, "why_not_compiled": why_not_compiled})
     return d

@@ -19,16 +19,17 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from edgepipe.devices.measure.bench import BenchReport, BenchSettings, resolve_targets, run_bench
 from edgepipe.devices.measure.report import Comparison, compare, write_reports
 from edgepipe.devices.remote.runner import Registry, bench_devices, check_benchmark_binary, resolve_devices
-from edgepipe.pipeline import export_stage, gate, standalone
+from edgepipe.pipeline import gate, standalone
 from edgepipe.pipeline.base.errors import StageFailure
 from edgepipe.pipeline.base.evaluation import EvalResult
 from edgepipe.pipeline.base.manifest import find_manifest, load_manifest
 from edgepipe.pipeline.eval_stage import EvalRequest, validate
+from edgepipe.pipeline.export_stage import export
 from edgepipe.pipeline.eval_stage import evaluate as _evaluate
 from edgepipe.pipeline.gate import Budget, CheckResult, GateConfig
 from edgepipe.pipeline.inspect_stage import inspect_artifact
@@ -39,11 +40,6 @@ BENCH_FILES = {"json": "bench.json", "md": "bench.md", "html": "bench.html"}
 
 __all__ = ["BENCH_FILES", "bench", "bench_comparison", "check", "enforce_bench", "enforce_check", "enforce_eval",
            "evaluate", "export", "inspect", "results_dir"]
-
-
-def export(*args: Any, **kwargs: Any) -> Any:
-    """`edgepipe export`: ``edgepipe.pipeline.export_stage.export(...) -> ExportOutcome``."""
-    return export_stage.export(*args, **kwargs)
 
 
 def inspect(path: str | os.PathLike) -> dict:

@@ -29,7 +29,10 @@ def _code_hash() -> str:
     """Hash of edgepipe's own source (every package it installs), so a code change invalidates the cache."""
     h = hashlib.sha256()
     for pkg in ("edgepipe.pipeline", "edgepipe.export", "edgepipe.devices"):
-        d = Path(importlib.util.find_spec(pkg).origin).parent
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or spec.origin is None:  # pragma: no cover - installed packages have an origin
+            continue
+        d = Path(spec.origin).parent
         for f in sorted(d.rglob("*.py")):
             h.update(str(f.relative_to(d)).encode())
             h.update(f.read_bytes())

@@ -2,12 +2,14 @@
 
 Each reader yields raw pixels (N, H, W, C) float32 0-255 at the model's input size and
 channel count; preprocessing is applied once, by the model's own Preprocessing.
-numpy + Pillow only.
+numpy + Pillow (+ scikit-learn for digits).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 
@@ -19,9 +21,10 @@ from edgepipe.pipeline.images import IMAGE_SUFFIXES, digits_images, digits_split
 
 class Reader:
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # what it reads, for hints
     registry: ClassVar[dict[str, type["Reader"]]] = {}
 
-    def __init_subclass__(cls, **kw):
+    def __init_subclass__(cls, **kw: object) -> None:
         super().__init_subclass__(**kw)
         if cls.name:
             if cls.name in Reader.registry:
@@ -47,6 +50,7 @@ class FolderReader(Reader):
     """Images found recursively under a folder (any common format)."""
 
     name = "folder"
+    summary = "your images"
 
     def validate(self) -> None:
         p = Path(self.location or "")
@@ -59,14 +63,12 @@ class FolderReader(Reader):
 
     def identity(self) -> dict:
         self.validate()
-        root = Path(self.location)
+        root = Path(self.location or "")
         listing = [(str(f.relative_to(root)), f.stat().st_size, int(f.stat().st_mtime)) for f in self.files]
-        import hashlib, json
-
         return {"reader": self.name, "location": str(root.resolve()), "seed": self.seed,
                 "files": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
 
-    def read(self, n, height, width, channels):
+    def read(self, n: int, height: int, width: int, channels: int) -> np.ndarray:
         self.validate()
         files = list(self.files)
         if len(files) > n:  # a deterministic sample spread over the whole folder
@@ -92,8 +94,9 @@ class DigitsReader(Reader):
     """
 
     name = "digits"
+    summary = "scikit-learn's handwritten digits"
 
-    def read(self, n, height, width, channels):
+    def read(self, n: int, height: int, width: int, channels: int) -> np.ndarray:
         train, _ = digits_split()
         rng = np.random.default_rng(self.seed)
         return digits_images(rng.permutation(train)[:n], height, width, channels)
@@ -103,22 +106,34 @@ class RandomReader(Reader):
     """Uniform random pixels. Only on request: int8 calibrated on noise is usually poor."""
 
     name = "random"
+    summary = "noise"
 
-    def read(self, n, height, width, channels):
+    def read(self, n: int, height: int, width: int, channels: int) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
         return rng.integers(0, 256, size=(n, height, width, channels)).astype(np.float32)  # whole pixel values, like decoded images
 
 
+def calib_sources() -> list[str]:
+    """The calibration sources ``--calib NAME`` offers (every reader but the folder one)."""
+    return [k for k in Reader.registry if k != FolderReader.name]
+
+
+def calib_hint() -> str:
+    """How to give calibration data, naming every source."""
+    offline = " or ".join(f"--calib {k} ({Reader.registry[k].summary})" for k in calib_sources())
+    return f"Give --data DIR (images like the ones the model will see), or {offline}"
+
+
 def make_reader(data: Optional[str], calib: Optional[str], seed: int = 0) -> Optional[Reader]:
     """--data DIR -> folder reader; --calib NAME -> that reader; neither -> None."""
+    names = "|".join(calib_sources())
     if data and calib and calib != "folder":
-        raise UserError(f"--data and --calib {calib} both given", "Use one: --data DIR or --calib random|digits")
+        raise UserError(f"--data and --calib {calib} both given", f"Use one: --data DIR or --calib {names}")
     if data:
-        r = FolderReader(data, seed)
+        r: Reader = FolderReader(data, seed)
     elif calib:
         if calib not in Reader.registry or calib == "folder":
-            names = [k for k in Reader.registry if k != "folder"]
-            raise UserError(f"unknown calibration source '{calib}'", f"Use --data DIR or --calib {'|'.join(names)}")
+            raise UserError(f"unknown calibration source '{calib}'", f"Use --data DIR or --calib {names}")
         r = Reader.registry[calib](None, seed)
     else:
         return None
@@ -126,7 +141,7 @@ def make_reader(data: Optional[str], calib: Optional[str], seed: int = 0) -> Opt
     return r
 
 
-def calibrate(reader: Reader, n: int, input_shape, pp: Preprocessing) -> Calibration:
+def calibrate(reader: Reader, n: int, input_shape: Sequence[int], pp: Preprocessing) -> Calibration:
     _, h, w, c = input_shape
     raw = reader.read(n, h, w, c).astype(np.float32)
     raw = to_channels(raw, c)

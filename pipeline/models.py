@@ -5,12 +5,17 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
+import numpy as np
+
+from edgepipe.pipeline.base import lazy
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.manifest import SourceModel
 from edgepipe.pipeline.base.preprocessing import Preprocessing
@@ -123,26 +128,44 @@ def resolve(
     key = source.lower().replace("-", "_")
     if key in BUILTINS:
         b = BUILTINS[key]
-        w = (weights or "imagenet")
-        if w.lower() in ("imagenet", "none"):
-            w = w.lower()
-        elif not Path(w).is_file():
-            raise UserError(f"weights file {w} not found", "Give --weights imagenet, none, or an existing .h5/.weights.h5 file")
-        if classes is not None and w == "imagenet":
-            raise UserError("--classes only applies with --weights none or a weights file",
-                            "ImageNet weights have 1000 classes; add --weights none to change it")
-        if classes is not None and classes < 1:
-            raise UserError(f"bad --classes {classes}", "Give a positive number of classes")
-        if alpha is not None and not b.alphas:
-            raise UserError(f"{b.name} has no --alpha", "Drop --alpha (it applies to the MobileNet family)")
-        if alpha is not None and alpha not in b.alphas:
-            raise UserError(f"{b.name} has no alpha {alpha}", f"Use one of: {', '.join(map(str, b.alphas))}")
-        if size is not None and min(size) < b.min_size:
-            raise UserError(f"{b.name} needs an input of at least {b.min_size}px, got {size[0]}x{size[1]}",
-                            f"Use --input-size {b.min_size} or larger")
+        w = _check_builtin(b, weights, size, alpha, classes)
         pp = Preprocessing.from_mode(preprocess or b.preprocess, mean, std, scale)
         return ModelRequest(b.name, "builtin", w, size, alpha, classes, seed, pp, labels)
+    kind = _file_kind(source)
+    if classes is not None:
+        raise UserError("--classes applies to built-in models only", "Drop --classes for a model file")
+    if alpha is not None:
+        raise UserError("--alpha applies to built-in models only", "Drop --alpha for a model file")
+    p = Path(source)
+    pp = Preprocessing.from_mode(preprocess or "none", mean, std, scale)
+    return ModelRequest(str(p), kind, "file", size, None, None, seed, pp, labels, path=p.resolve(), trust=trust)
 
+
+def _check_builtin(b: Builtin, weights: Optional[str], size: Optional[tuple[int, int]], alpha: Optional[float],
+                   classes: Optional[int]) -> str:
+    """The validated --weights of a built-in (imagenet | none | a weights file)."""
+    w = (weights or "imagenet")
+    if w.lower() in ("imagenet", "none"):
+        w = w.lower()
+    elif not Path(w).is_file():
+        raise UserError(f"weights file {w} not found", "Give --weights imagenet, none, or an existing .h5/.weights.h5 file")
+    if classes is not None and w == "imagenet":
+        raise UserError("--classes only applies with --weights none or a weights file",
+                        "ImageNet weights have 1000 classes; add --weights none to change it")
+    if classes is not None and classes < 1:
+        raise UserError(f"bad --classes {classes}", "Give a positive number of classes")
+    if alpha is not None and not b.alphas:
+        raise UserError(f"{b.name} has no --alpha", "Drop --alpha (it applies to the MobileNet family)")
+    if alpha is not None and alpha not in b.alphas:
+        raise UserError(f"{b.name} has no alpha {alpha}", f"Use one of: {', '.join(map(str, b.alphas))}")
+    if size is not None and min(size) < b.min_size:
+        raise UserError(f"{b.name} needs an input of at least {b.min_size}px, got {size[0]}x{size[1]}",
+                        f"Use --input-size {b.min_size} or larger")
+    return w
+
+
+def _file_kind(source: str) -> str:
+    """keras | h5 | savedmodel for a model path, or a UserError naming what is wrong."""
     p = Path(source)
     if not p.exists():
         raise UserError(
@@ -161,12 +184,7 @@ def resolve(
     else:
         raise UserError(f"{p.name}: unsupported model file type '{p.suffix}'",
                         "Give a .keras or .h5 file, or a SavedModel folder")
-    if classes is not None:
-        raise UserError("--classes applies to built-in models only", "Drop --classes for a model file")
-    if alpha is not None:
-        raise UserError("--alpha applies to built-in models only", "Drop --alpha for a model file")
-    pp = Preprocessing.from_mode(preprocess or "none", mean, std, scale)
-    return ModelRequest(str(p), kind, "file", size, None, None, seed, pp, labels, path=p.resolve(), trust=trust)
+    return kind
 
 
 def _read_labels(path: str) -> list[str]:
@@ -180,13 +198,6 @@ def _read_labels(path: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- loading
-def _keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    return keras
-
-
 def _missing_weights_error(e: Exception, b: Builtin) -> UserError:
     msg = str(e)
     m = re.search(r"([A-Za-z0-9_.\-]+\.h5)", msg)
@@ -199,7 +210,7 @@ def _missing_weights_error(e: Exception, b: Builtin) -> UserError:
 
 
 def load(req: ModelRequest) -> LoadedModel:
-    keras = _keras()
+    keras = lazy.keras()
     if req.kind == "builtin":
         model = _build_builtin(keras, req)
         src = SourceModel(name=req.name, kind="builtin", weights=req.weights, seed=req.seed,
@@ -233,8 +244,6 @@ def load(req: ModelRequest) -> LoadedModel:
 
 def imagenet_labels() -> Optional[list[str]]:
     """The 1000 ImageNet class names from Keras' cached index, if it is on disk (no download)."""
-    import json
-
     p = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / "imagenet_class_index.json"
     try:
         idx = json.loads(p.read_text())
@@ -245,8 +254,6 @@ def imagenet_labels() -> Optional[list[str]]:
 
 def _check_container(req: ModelRequest) -> None:
     """Name the problem precisely when a model file is not even the right kind of file."""
-    import zipfile
-
     p = req.path
     if req.kind == "keras" and not zipfile.is_zipfile(p):
         raise UserError(f"{p.name} is not a valid .keras file (not a zip archive)",
@@ -258,7 +265,7 @@ def _check_container(req: ModelRequest) -> None:
             raise UserError(f"{p.name} is not an HDF5 file", "Give a Keras .h5 model file, a .keras file or a SavedModel folder")
 
 
-def _build_builtin(keras, req: ModelRequest):
+def _build_builtin(keras: Any, req: ModelRequest) -> Any:
     b = BUILTINS[req.source]
     keras.utils.set_random_seed(req.seed)
     size = req.input_size or (b.default_size, b.default_size)
@@ -287,8 +294,7 @@ def _build_builtin(keras, req: ModelRequest):
 
 
 def _load_savedmodel(req: ModelRequest) -> LoadedModel:
-    import tensorflow as tf
-
+    tf = lazy.tensorflow()
     try:
         obj = tf.saved_model.load(str(req.path))
     except Exception as e:
@@ -346,7 +352,7 @@ def _clean_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", name) or "input"
 
 
-def settle_batchnorm(model, pp: Preprocessing, seed: int, n: int = 8, residual_gain: float = 0.1) -> int:
+def settle_batchnorm(model: Any, pp: Preprocessing, seed: int, n: int = 8, residual_gain: float = 0.1) -> int:
     """Re-estimate batch-norm statistics of a randomly initialised model.
 
     Keras' random init keeps BN moving statistics at (0, 1), so activations shrink
@@ -356,9 +362,7 @@ def settle_batchnorm(model, pp: Preprocessing, seed: int, n: int = 8, residual_g
     a fixed, seeded batch of random images, giving a deterministic model whose outputs
     actually depend on its input. Returns the number of BN layers updated.
     """
-    import keras
-    import numpy as np
-
+    keras = lazy.keras()
     bns = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
     if not bns:
         return 0
@@ -388,14 +392,14 @@ def settle_batchnorm(model, pp: Preprocessing, seed: int, n: int = 8, residual_g
     return len(bns)
 
 
-def _all_layers(model):
+def _all_layers(model: Any) -> Iterator[Any]:
     for l in model.layers:
         yield l
         if hasattr(l, "layers"):
             yield from _all_layers(l)
 
 
-def _residual_branch_ends(model, keras):
+def _residual_branch_ends(model: Any, keras: Any) -> list[Any]:
     """BatchNormalization layers whose output feeds an Add, other than through a shortcut conv."""
     out = []
     for layer in _all_layers(model):
@@ -410,7 +414,7 @@ def _residual_branch_ends(model, keras):
     return list(dict.fromkeys(out))
 
 
-def temper_logits(model, pp: Preprocessing, seed: int, n: int = 8, target_std: float = 2.0) -> float:
+def temper_logits(model: Any, pp: Preprocessing, seed: int, n: int = 8, target_std: float = 2.0) -> float:
     """Scale a random model's last weighted layer so its logits have a standard deviation
     of ``target_std`` across classes.
 
@@ -418,8 +422,6 @@ def temper_logits(model, pp: Preprocessing, seed: int, n: int = 8, target_std: f
     its softmax is one-hot and any rounding flips it, which says nothing about the
     converter. Real trained models sit at a few units. Returns the factor applied.
     """
-    import numpy as np
-
     last = None
     for l in reversed(list(_all_layers(model))):
         if getattr(l, "kernel", None) is not None and hasattr(l, "bias"):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from edgepipe.pipeline.base import lazy
 from edgepipe.pipeline.base.records import LoadedModel, Traced
 
 
 def trace(lm: LoadedModel) -> Traced:
-    import tensorflow as tf
-
+    tf = lazy.tensorflow()
     t0 = time.perf_counter()
     src = lm.source
     spec = tf.TensorSpec(tuple(src.input_shape), tf.float32, name=src.input_name)
@@ -16,7 +17,7 @@ def trace(lm: LoadedModel) -> Traced:
         model = lm.model
 
         @tf.function(input_signature=[spec], autograph=False)
-        def serve(x):
+        def serve(x: Any) -> Any:
             y = model(x, training=False)
             if isinstance(y, (list, tuple)) and len(y) == 1:
                 y = y[0]
@@ -30,7 +31,7 @@ def trace(lm: LoadedModel) -> Traced:
         out_keys = sorted(sig.structured_outputs.keys())
 
         @tf.function(input_signature=[spec], autograph=False)
-        def serve(x):
+        def serve(x: Any) -> Any:
             out = sig(**{in_key: tf.cast(x, in_spec.dtype)})
             ys = [tf.cast(out[k], tf.float32) for k in out_keys]
             return ys[0] if len(ys) == 1 else ys

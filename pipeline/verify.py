@@ -4,17 +4,26 @@
 the tests. Figures per artifact: max/mean absolute error, cosine similarity, centered
 cosine (Pearson correlation per sample: insensitive to the near-constant offset a
 softmax output has) and top-1 agreement. Pass criteria are per precision.
+
+The runtime that runs a format's artifacts here is the one its Format declares
+(``Format.verifier_for_host()``); it also describes the artifacts' inputs and outputs
+(``describe_io``). This module is the export side's one door into devices' runtimes.
 """
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from edgepipe.pipeline.base.manifest import Verification
+from edgepipe.devices.runtimes.base import Runtime, runtimes_for
+from edgepipe.export import format_class
+from edgepipe.pipeline.base.manifest import TensorInfo, Verification
+from edgepipe.pipeline.base.records import VerificationSet
+
+Outputs = Union[np.ndarray, list[np.ndarray]]
 
 # Per precision: minimum mean centered cosine, maximum error relative to the
 # reference's output range, minimum top-1 agreement on confidently-predicted samples.
@@ -76,7 +85,7 @@ class Comparison:
     input_correlation: Optional[float] = None
 
 
-def _flat(xs) -> np.ndarray:
+def _flat(xs: Union[Outputs, Sequence[np.ndarray]]) -> np.ndarray:
     if isinstance(xs, (list, tuple)):
         arrs = [np.asarray(x, np.float64).reshape(np.asarray(x).shape[0], -1) for x in xs]
         return np.concatenate(arrs, axis=1)
@@ -84,7 +93,8 @@ def _flat(xs) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-def compare(outputs, reference, precision: str = "fp32", thresholds: Optional[dict] = None) -> Comparison:
+def compare(outputs: Outputs, reference: Outputs, precision: str = "fp32",
+            thresholds: Optional[dict] = None) -> Comparison:
     """Compare artifact outputs with reference outputs, both (N, ...) arrays (or lists of them)."""
     a, r = _flat(outputs), _flat(reference)
     if a.shape != r.shape:
@@ -153,35 +163,43 @@ def _cos(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(x, y) / (nx * ny))
 
 
-def checker_for(fmt: str) -> tuple[str, str]:
-    """(runtime name, target) used to verify artifacts of a format on this host."""
-    if fmt == "edgetpu":  # an uncompiled Edge TPU artifact is a full-int8 TFLite model
-        return ("litert", "cpu")
-    if fmt == "coreml":
-        return ("coreml", "cpu") if platform.system() == "Darwin" else ("coreml-reference", "reference")
-    if fmt == "onnx":
-        return ("onnxruntime", "cpu")
-    return ("litert", "cpu")
+def verifier(fmt: str) -> tuple[str, Runtime]:
+    """(the format name the runtime knows, the runtime) that runs ``fmt`` artifacts on this host.
+    LookupError when that runtime is not registered here."""
+    f = format_class(fmt)()
+    name, target = f.verifier_for_host()
+    runs_as = f.runs_as()
+    for rt in runtimes_for(runs_as, target):
+        if rt.name == name:
+            return runs_as, rt
+    raise LookupError(f"no {name} runtime installed")
 
 
-def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None) -> np.ndarray:
+def verifier_name(fmt: str) -> str:
+    return format_class(fmt)().verifier_for_host()[0]
+
+
+def describe_io(path: Path, fmt: str) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """An artifact's inputs and outputs, as its verifier runtime loads it."""
+    runs_as, rt = verifier(fmt)
+    why = rt.check(path, runs_as)
+    if why:
+        raise LookupError(why)
+    with rt.load(path) as s:
+        return list(s.inputs), list(s.outputs)
+
+
+def run_artifact(path: Path, fmt: str, raw: np.ndarray, data: np.ndarray,
+                 runtime: Optional[Runtime] = None) -> Outputs:
     """Run every sample through an artifact; image-input artifacts get raw pixels."""
-    from edgepipe.devices.runtimes.base import Runtime, _load_all
-
+    f = format_class(fmt)()
+    runs_as = f.runs_as()
     if runtime is None:
-        _load_all()
-        name, target = checker_for(fmt)
-        cls = Runtime.registry.get((name, target))
-        if cls is None:
-            raise LookupError(f"no {name} runtime installed")
-        runtime = cls()
-    if fmt == "edgetpu":
-        from edgepipe.devices.graph.tflite_graph import read_tflite
-
-        if read_tflite(path, keep_constants=False).is_edgetpu_compiled:
-            raise LookupError("compiled for the Edge TPU: it runs only with libedgetpu on an Edge TPU")
-        fmt = "tflite"
-    why = runtime.check(path, fmt)
+        runs_as, runtime = verifier(fmt)
+    reason = f.unverifiable(Path(path))
+    if reason:
+        raise LookupError(reason)
+    why = runtime.check(path, runs_as)
     if why:
         raise LookupError(why)
     outs = []
@@ -196,13 +214,23 @@ def run_artifact(path, fmt: str, raw: np.ndarray, data: np.ndarray, runtime=None
     return np.concatenate(outs)
 
 
-def verify_artifact(path, fmt: str, precision: str, raw: np.ndarray, data: np.ndarray,
-                    reference: np.ndarray, data_source: str, trained: bool = True) -> Verification:
+def _fill(v: Verification, c: Comparison) -> None:
+    v.max_abs, v.mean_abs, v.cosine = c.max_abs, c.mean_abs, c.cosine
+    v.centered_cosine, v.top1_agreement = c.centered_cosine, c.top1_agreement
+    v.input_correlation = c.input_correlation
+    v.thresholds = c.thresholds
+    v.status = "passed" if c.passed else "failed"
+    v.reason = None if c.passed else "; ".join(c.failures)
+
+
+def verify_artifact(path: Path, fmt: str, precision: str, vset: VerificationSet,
+                    trained: bool = True) -> Verification:
+    """Run an artifact on the verification set and compare with the source model's outputs, with
+    the thresholds of its precision (``thresholds_for(precision, trained)``)."""
     t0 = time.perf_counter()
-    name, target = checker_for(fmt)
-    v = Verification(checker=name, samples=int(data.shape[0]), data=data_source)
+    v = Verification(checker=verifier_name(fmt), samples=vset.n, data=vset.source)
     try:
-        out = run_artifact(path, fmt, raw, data)
+        out = run_artifact(path, fmt, vset.raw, vset.data)
     except LookupError as e:
         v.status = "not_verified"
         v.reason = f"not verified: {e}"
@@ -211,12 +239,6 @@ def verify_artifact(path, fmt: str, precision: str, raw: np.ndarray, data: np.nd
         v.status = "not_verified" if "unsupported" in str(e).lower() else "failed"
         v.reason = f"{'not verified' if v.status == 'not_verified' else 'runtime error'}: {str(e).splitlines()[0][:300]}"
         return v
-    c = compare(out, reference, precision, thresholds_for(precision, trained))
-    v.max_abs, v.mean_abs, v.cosine = c.max_abs, c.mean_abs, c.cosine
-    v.centered_cosine, v.top1_agreement = c.centered_cosine, c.top1_agreement
-    v.input_correlation = c.input_correlation
-    v.thresholds = c.thresholds
-    v.status = "passed" if c.passed else "failed"
-    v.reason = None if c.passed else "; ".join(c.failures)
+    _fill(v, compare(out, vset.reference, precision, thresholds_for(precision, trained)))
     v.seconds = round(time.perf_counter() - t0, 3)
     return v

@@ -322,9 +322,7 @@ def test_int8_calibrated_on_the_wrong_range_fails_the_gate(digits, tmp_path):
 
 @pytest.mark.slow
 def test_perturbed_weights_fail_the_gate_then_recovery_replaces_them(digits, tmp_path):
-    from edgepipe.export import ExportOptions
-    from edgepipe.pipeline import export_stage, models, recover
-    from edgepipe.pipeline.calibration import make_reader
+    from edgepipe.pipeline import export_stage, recover
 
     folder = _export(digits, tmp_path / "out", "--data", str(digits / "train_png"))
     m, _ = load_manifest(folder)
@@ -344,14 +342,14 @@ def test_perturbed_weights_fail_the_gate_then_recovery_replaces_them(digits, tmp
     assert rows["tflite-int8"]["status"] == "fail" and rows["tflite-int8"]["drop"] > 5
     assert rows["onnx-int8"]["status"] == "pass"
 
-    # Recovery, as `export --max-drop 1 --eval-data digits` runs it after the export.
-    req = export_stage.ExportRequest(model=models.resolve(str(digits / "digits.keras"), preprocess="unit"),
-                                     plan=[("tflite", "int8"), ("onnx", "int8")], out=tmp_path / "out",
-                                     reader=make_reader(str(digits / "train_png"), None), options=ExportOptions())
-    m, _ = load_manifest(folder)
-    report = recover.after_export(req, m, max_drop=1.0, eval_data="digits")
-    recover.summarize(report)  # raises if anything still misses the budget
-    by = {r["artifact"]: r for r in report["artifacts"]}
+    # Recovery, as `export --max-drop 1 --eval-data digits` runs it after the export, here on the
+    # finished folder (recover_folder loads the model; inside an export the export's own is reused).
+    req = export_stage.prepare(str(digits / "digits.keras"), preprocess="unit", formats="tflite,onnx", int8=True,
+                               out=tmp_path / "out", data=str(digits / "train_png"), max_drop=1.0,
+                               eval_data="digits")
+    report = recover.recover_folder(req)
+    report.raise_if_missed()  # raises if anything still misses the budget
+    by = {r["artifact"]: r for r in report.to_dict()["artifacts"]}
     first = by["tflite-int8"]["attempts"][0]
     assert first["name"] == "as exported" and first["drop"] > 5 and not first["meets"]
     assert by["tflite-int8"]["chosen"] == "int16x8 activations" and len(by["tflite-int8"]["attempts"]) == 2

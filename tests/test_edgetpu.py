@@ -573,13 +573,17 @@ def test_format_registered():
 
 
 def test_export_without_compiler_records_prediction(traced_tiny, tmp_path, no_compiler):
-    from edgepipe.export import ExportOptions, get_format
+    from edgepipe.export import get_format
+    from edgepipe.export.edgetpu import EdgeTPUOptions
     from edgepipe.pipeline.base.util import atomic_path
+    from edgepipe.pipeline.export_run import describe
 
     traced, calib = traced_tiny
     final = tmp_path / "tiny_int8_edgetpu.tflite"
+    f = get_format("edgetpu")
     with atomic_path(final) as dest:
-        res = get_format("edgetpu").export(traced, "int8", calib, dest, ExportOptions())
+        res = f.export(traced, "int8", calib, dest, EdgeTPUOptions())
+        describe(f, res, res.described_by or dest)  # what the export stage adds: I/O and placement
     info = res.extra["edgetpu"]
     assert info["compiled"] is False and info["kind"] == "prediction" and info["log_path"] is None
     assert "not found on PATH" in info["why_not_compiled"]
@@ -593,18 +597,21 @@ def test_export_without_compiler_records_prediction(traced_tiny, tmp_path, no_co
 
 
 def test_export_with_compiler_double_keeps_logs(traced_tiny, tmp_path, compiler_double):
-    from edgepipe.export import ExportOptions, get_format
-    from edgepipe.pipeline.base.util import atomic_path
+    from edgepipe.export import get_format
+    from edgepipe.export.edgetpu import EdgeTPUOptions
+    from edgepipe.pipeline.export_run import describe
 
     traced, calib = traced_tiny
     folder = tmp_path / "artifacts"
+    folder.mkdir()
     final = folder / "tiny_int8_edgetpu.tflite"
-    with atomic_path(final) as dest:
-        res = get_format("edgetpu").export(traced, "int8", calib, dest, ExportOptions())
+    f = get_format("edgetpu")
+    res = f.export(traced, "int8", calib, final, EdgeTPUOptions())
+    describe(f, res, res.described_by or final)  # what the export stage adds: I/O and placement
     info = res.extra["edgetpu"]
     assert info["compiled"] is True and info["compiler_version"] == "16.0.384591198"
     assert info["log_path"] == "tiny_int8_edgetpu.compiler.log" and (folder / info["log_path"]).is_file()
-    assert res.extra["files"] == ["tiny_int8_edgetpu.compiler.log"]
+    assert [p.name for p in res.files] == ["tiny_int8_edgetpu.compiler.log"]
     assert info["counts"]["cpu"] == 12 and info["prediction"]["kind"] == "prediction"
     assert final.is_file() and not list(folder.glob(".tmp-*"))
     assert compiler_double()[1][-1].endswith("tiny_int8.tflite")
@@ -613,14 +620,14 @@ def test_export_with_compiler_double_keeps_logs(traced_tiny, tmp_path, compiler_
 
 
 def test_export_fails_loudly_when_the_compiler_fails(traced_tiny, tmp_path, compiler_double, monkeypatch):
-    from edgepipe.export import ExportOptions, get_format
+    from edgepipe.export import get_format
+    from edgepipe.export.edgetpu import EdgeTPUOptions
 
     monkeypatch.setenv("EDGETPU_DOUBLE_RC", "1")
     monkeypatch.setenv("EDGETPU_DOUBLE_LOG", str(FIXTURES / "failed_v16.txt"))
     traced, calib = traced_tiny
     with pytest.raises(ConversionError, match="large activation tensors") as e:
-        get_format("edgetpu").export(traced, "int8", calib, tmp_path / "t_int8_edgetpu.tflite",
-                                     ExportOptions(extra={"artifact_dir": str(tmp_path)}))
+        get_format("edgetpu").export(traced, "int8", calib, tmp_path / "t_int8_edgetpu.tflite", EdgeTPUOptions())
     assert "t_int8_edgetpu.compiler.log" in e.value.hint
     assert (tmp_path / "t_int8_edgetpu.compiler.log").is_file()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +36,10 @@ def test_help_is_fast_and_does_not_import_tensorflow():
     (["export", "mobilenet", "--weights", "none", "--formats", "tflite,caffe"], "unknown format 'caffe'"),
     (["export", "mobilenet", "--weights", "none", "--precisions", "int4"], "unknown precision 'int4'"),
     (["export", "mobilenet", "--weights", "none", "--int8"], "needs calibration data"),
+    (["export", "mobilenet", "--weights", "none", "--int8"], "or --calib digits"),  # every offline source named
+    (["export", "mobilenet", "--weights", "none", "--int8"], "--calib random"),
+    (["export", "mobilenet", "--weights", "none", "--palette-bits", "5"], "unknown --palette-bits '5'"),
+    (["export", "mobilenet", "--weights", "none", "--require-full-edgetpu"], "needs an Edge TPU artifact"),
     (["export", "/nonexistent/model.keras"], "unknown model"),
     (["export", "mobilenet", "--weights", "none", "--input-size", "16"], "at least 32px"),
     (["export", "vgg16", "--alpha", "0.5", "--weights", "none"], "has no --alpha"),
@@ -142,6 +147,9 @@ def test_repeated_export_is_served_from_cache_without_tensorflow(tmp_path):
     first = run_cli(*args, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     m1 = json.loads(first.stdout)
+    log = tmp_path / "o" / "mobilenet" / "export.log"
+    original_log = log.read_text()
+    assert original_log.startswith("[edgepipe] ") and "export of mobilenet" in original_log
     (tmp_path / "o" / "mobilenet" / "mobilenet_fp32.tflite").unlink()
     code = ("import sys, time; t=time.perf_counter(); from edgepipe.pipeline.cli import main; "
             f"rc = main({args!r}); sys.stderr.write('RESULT %s %d %.3f\\n' % ('tensorflow' in sys.modules, rc, time.perf_counter()-t))")
@@ -151,6 +159,9 @@ def test_repeated_export_is_served_from_cache_without_tensorflow(tmp_path):
     assert float(secs) <= 2.0
     m2 = json.loads(res.stdout)
     assert m2["extra"]["cache"]["hit"] is True
+    # the cache hit converted nothing: its log says so and keeps the original export's log
+    hit_log = log.read_text()
+    assert "served from the export cache" in hit_log and original_log in hit_log
     assert [a["sha256"] for a in m2["artifacts"]] == [a["sha256"] for a in m1["artifacts"]]
     assert (tmp_path / "o" / "mobilenet" / "mobilenet_fp32.tflite").exists()
     # the seed is recorded and a different seed is a different model (no cache hit)
@@ -245,3 +256,70 @@ def test_labels_and_preprocessing_travel_with_the_artifacts(tiny_keras_files, tm
     side = json.loads((folder / "preprocessing.json").read_text())
     assert side["preprocessing"]["mean"] == [103.939, 116.779, 123.68]
     assert all(a["metadata_path"] == "preprocessing.json" for a in m["artifacts"])
+
+
+def test_worker_conversions_record_their_real_time(tiny_keras_files, tmp_path):
+    """TFLite converts in the worker process while ONNX converts here: its time is the worker's."""
+    res = run_cli("export", str(tiny_keras_files["keras"]), "--formats", "tflite,onnx", "--precisions", "fp32,fp16",
+                  "--out", str(tmp_path), "--no-cache", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    arts = {a["id"]: a for a in json.loads(res.stdout)["artifacts"]}
+    for aid in ("tflite-fp32", "tflite-fp16"):
+        assert arts[aid]["timings"]["convert_s"] >= 0.05, arts[aid]["timings"]
+    log = (tmp_path / "tiny" / "export.log").read_text()
+    assert "output of the conversion worker process" in log  # the worker's chatter is in the export log
+
+
+def test_progress_never_shows_an_unknown_total():
+    import io
+
+    from rich.console import Console
+
+    from edgepipe.pipeline.cli.export import _Progress
+
+    buf = io.StringIO()
+    with _Progress(Console(file=buf, force_terminal=True, width=100)) as prog:
+        for event, info in [("stage", {"name": "load", "detail": "m.keras"}), ("stage", {"name": "trace"}),
+                            ("note", {"message": "skipped onnx palettized: [no] such variant"}),
+                            ("artifacts", {"total": 2}), ("convert", {"id": "tflite-fp32"}),
+                            ("done", {"id": "tflite-fp32"}), ("convert", {"id": "onnx-fp32"}), ("done", {"id": "x"})]:
+            prog(event, info)
+            prog.p.refresh()
+    out = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())  # without terminal control codes
+    assert "None" not in out and "0/2" in out and "1/2" in out and "[no] such variant" in out
+
+
+def test_piped_table_keeps_names_and_reasons_whole(capsys, tmp_path):
+    from edgepipe.pipeline.base.manifest import Artifact, Manifest, SourceModel, Verification
+    from edgepipe.pipeline.base.records import ExportOutcome
+    from edgepipe.pipeline.cli.export import _console, print_outcome
+
+    reason = "not verified: " + "the reference interpreter has no kernel for this op, " * 4 + "[see export.log]"
+    m = Manifest(model=SourceModel(name="a_model_with_a_rather_long_name_that_a_pipe_would_cut", kind="keras"),
+                 artifacts=[Artifact(id="coreml-palettized", format="coreml", precision="palettized", path="x",
+                                     status="ok", size_bytes=123456,
+                                     verification=Verification(status="not_verified", reason=reason)),
+                            Artifact(id="onnx-int8", format="onnx", precision="int8", status="failed",
+                                     error="ConversionError: " + "tf2onnx cannot convert Lgamma; " * 5)])
+    print_outcome(ExportOutcome(m, tmp_path / "a_model_with_a_rather_long_name_that_a_pipe_would_cut"), _console())
+    out = capsys.readouterr().out
+    assert "coreml-palettized" in out and "…" not in out
+    assert reason in out.splitlines()[-2] and m.artifacts[1].error in out
+    assert str(tmp_path / "a_model_with_a_rather_long_name_that_a_pipe_would_cut") in out
+
+
+def test_onnxruntime_warnings_go_to_the_log_under_a_terminal(tiny_keras_files, tmp_path):
+    """onnxruntime's quantizer warns through Python logging; under a TTY the progress display used to
+    redirect stderr to the terminal, so the warning showed there (twice) instead of in export.log."""
+    import shlex
+    import shutil
+
+    if shutil.which("script") is None:
+        pytest.skip("needs util-linux `script` to run the export under a pseudo-terminal")
+    cmd = [sys.executable, "-m", "edgepipe.pipeline", "export", str(tiny_keras_files["keras"]), "--formats", "onnx",
+           "--int8", "--calib", "random", "--calib-samples", "8", "--out", str(tmp_path / "o"), "--no-cache"]
+    res = subprocess.run(["script", "-qec", shlex.join(cmd), "/dev/null"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "onnx-int8" in res.stdout and "pre-processing" not in res.stdout
+    assert "pre-processing before quantization" in (tmp_path / "o" / "tiny" / "export.log").read_text()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from edgepipe.pipeline.base.records import VerificationSet
 from edgepipe.pipeline.verify import THRESHOLDS, compare, run_artifact, thresholds_for, verify_artifact
 
 
@@ -75,8 +76,10 @@ def test_tampered_weights_are_caught(exported, tmp_path):
     big.CopyFrom(numpy_helper.from_array(w, big.name))
     bad = tmp_path / "tampered.onnx"
     onnx.save(model, str(bad))
-    good = verify_artifact(folder / "tiny_fp32.onnx", "onnx", "fp32", ref["raw"], ref["data"], ref["outputs"], "random")
-    broken = verify_artifact(bad, "onnx", "fp32", ref["raw"], ref["data"], ref["outputs"], "random")
+    vset = VerificationSet.load(folder / "reference.npz", "random")
+    assert np.array_equal(vset.reference, ref["outputs"]) and vset.n == len(ref["data"])
+    good = verify_artifact(folder / "tiny_fp32.onnx", "onnx", "fp32", vset)
+    broken = verify_artifact(bad, "onnx", "fp32", vset)
     assert good.status == "passed"
     assert broken.status == "failed" and broken.centered_cosine < good.centered_cosine
 

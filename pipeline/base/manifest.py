@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import pkg_version, sha256_file, write_json_atomic
@@ -146,7 +146,7 @@ class Manifest:
                         f"Known: {', '.join(a.id for a in self.artifacts) or 'none'}")
 
 
-def _build(cls, d: dict):
+def _build(cls: Any, d: dict) -> Any:
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
 

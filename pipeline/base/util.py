@@ -69,7 +69,7 @@ def write_text_atomic(dest: str | os.PathLike, text: str) -> Path:
     return Path(dest)
 
 
-def write_json_atomic(dest: str | os.PathLike, obj) -> Path:
+def write_json_atomic(dest: str | os.PathLike, obj: object) -> Path:
     return write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
@@ -163,7 +163,7 @@ def converter_chatter_to_log(log_path: str | os.PathLike, enabled: bool = True) 
             pass
 
 
-def _sigterm(*_):
+def _sigterm(*_: object) -> None:
     raise KeyboardInterrupt()
 
 

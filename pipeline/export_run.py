@@ -1,0 +1,254 @@
+"""One export's work: load -> trace -> calibrate -> verification set -> per (format, precision):
+convert, describe, verify -> manifest. One failing artifact never stops the others.
+
+An ``ExportRun`` holds what every artifact (and the accuracy recovery after them) reuses: the
+traced model, the calibration data, the verification set, one instance per format and the worker
+process. Inputs and outputs of each artifact are described by the runtime that verifies its format
+(unless the format describes them itself), and formats that ask for a placement prediction
+(``Format.placement``) get it here, so export/ never imports devices/.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from edgepipe.devices.graph.edgetpu import analyze_tflite
+from edgepipe.export import CALIBRATED, ExportFailed, ExportResult, Format, WorkerJob, create
+from edgepipe.export.worker import Worker
+from edgepipe.pipeline import models
+from edgepipe.pipeline.base.manifest import Artifact, Manifest
+from edgepipe.pipeline.base.records import Calibration, Traced, VerificationSet
+from edgepipe.pipeline.base.util import atomic_path, converter_versions, path_size, pkg_version, sha256_file, write_json_atomic
+from edgepipe.pipeline.calibration import calibrate
+from edgepipe.pipeline.export_plan import ExportRequest
+from edgepipe.pipeline.trace import trace
+from edgepipe.pipeline.verify import describe_io, verify_artifact
+
+Progress = Callable[[str, dict], None]
+REFERENCE_NAME = "reference.npz"
+PREPROCESSING_NAME = "preprocessing.json"
+
+# placement predictors a format can ask for (Format.placement) -> path -> report dict
+PLACEMENT_PREDICTORS: dict[str, Callable[[Path], dict]] = {
+    "edgetpu": lambda path: analyze_tflite(path).to_dict(),
+}
+
+
+def noop(event: str, info: dict) -> None:
+    pass
+
+
+def one_line(e: BaseException, width: int = 500) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:width] if msg else ''}"
+
+
+def package_versions(packages: tuple[str, ...]) -> dict:
+    v = converter_versions()
+    return {k: v[k] if k in v else pkg_version(k) for k in packages}
+
+
+def _seconds(t0: float) -> float:
+    return round(time.perf_counter() - t0, 3)
+
+
+@dataclass
+class ExportRun:
+    req: ExportRequest
+    traced: Traced
+    calibration: Optional[Calibration]
+    vset: VerificationSet
+    formats: dict[str, Format]
+    progress: Progress = noop
+    timings: dict = field(default_factory=dict)
+    worker: Optional[Worker] = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, req: ExportRequest, progress: Progress = noop,
+              vset: Optional[VerificationSet] = None) -> "ExportRun":
+        """Load, trace and calibrate once; build the verification set unless one is given."""
+        progress("stage", {"name": "load", "detail": req.model.source})
+        t0 = time.perf_counter()
+        loaded = models.load(req.model)
+        timings = {"load_s": _seconds(t0)}
+        progress("stage", {"name": "trace"})
+        traced = trace(loaded)
+        timings.update(traced.timings)
+        calibration = None
+        if req.reader is not None:
+            progress("stage", {"name": "calibration data", "detail": req.reader.name})
+            t0 = time.perf_counter()
+            calibration = calibrate(req.reader, req.calib_samples, traced.source.input_shape, traced.preprocessing)
+            timings["calibration_data_s"] = _seconds(t0)
+        if vset is None:
+            progress("stage", {"name": "reference outputs"})
+            t0 = time.perf_counter()
+            vset = verification_set(traced, calibration, req.verify_samples, req.model.seed)
+            timings["reference_s"] = _seconds(t0)
+        return cls(req, traced, calibration, vset, create(req.formats), progress, timings)
+
+    def format(self, name: str) -> Format:
+        """This export's instance of a format (made on first use for one outside the plan)."""
+        if name not in self.formats:
+            self.formats[name] = create([name])[name]
+        return self.formats[name]
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        for f in self.formats.values():
+            f.close()
+        self.traced.close()
+
+    def new_manifest(self, cache_key: Optional[str]) -> Manifest:
+        """Write reference.npz and preprocessing.json; the manifest they belong to."""
+        folder, src, cal = self.req.folder, self.traced.source, self.calibration
+        self.vset.save(folder / REFERENCE_NAME)
+        write_json_atomic(folder / PREPROCESSING_NAME,
+                          {"model": src.name, "input_shape": src.input_shape, "input_layout": "NHWC",
+                           "preprocessing": self.traced.preprocessing.to_dict(), "labels": src.labels})
+        m = Manifest(model=src, verify=self.req.verify, timings=dict(self.timings), versions=converter_versions(),
+                     cache_key=cache_key, calibration=cal.describe() if cal else None,
+                     reference={"path": REFERENCE_NAME, "samples": self.vset.n, "data": self.vset.source})
+        if self.req.skipped:
+            m.extra["skipped"] = self.req.skipped
+        return m
+
+    # -- the artifacts -----------------------------------------------------------------------
+    def export_all(self, manifest: Manifest) -> None:
+        plan = self.req.plan
+        self.progress("artifacts", {"total": len(plan)})
+        self.worker = self._start_worker()
+        # formats converting in this process first; the worker's conversions are then mostly ready
+        order = sorted(plan, key=lambda fp: self.formats[fp[0]].worker) if self.worker else plan
+        for fmt, precision in order:
+            art = self.export_one(fmt, precision)
+            manifest.artifacts.append(art)
+            self.progress("done", {"id": art.id, "status": art.status})
+            manifest.save(self.req.folder)  # keep the manifest current: a crash later loses nothing
+        manifest.artifacts.sort(key=lambda a: plan.index((a.format, a.precision)))
+
+    def _start_worker(self) -> Optional[Worker]:
+        """Start the conversions formats can run in the worker process, when there is something else
+        to overlap them with. None: everything converts here, in plan order."""
+        req = self.req
+        pairs = [pair for f, p in req.plan for pair in self.formats[f].worker_jobs(p, req.options_for(f))]
+        others = [f for f, _ in req.plan if not self.formats[f].worker]
+        if (not pairs or not others or not req.parallel or not self.traced.loaded.is_keras
+                or (os.cpu_count() or 1) < 2):
+            return None
+        jobs: list[WorkerJob] = list(dict.fromkeys(job for _, job in pairs))
+        worker = Worker(self.traced.saved_model_dir(), self.calibration, jobs, self.traced.scratch())
+        for instance, job in pairs:
+            instance.receive(job, worker.pending(job))
+        return worker
+
+    def export_one(self, fmt: str, precision: str) -> Artifact:
+        f, folder = self.formats[fmt], self.req.folder
+        fname = f.filename(self.traced.source.name, precision)
+        art = Artifact(id=f"{fmt}-{precision}", format=fmt, precision=precision, path=fname,
+                       metadata_path=PREPROCESSING_NAME, converter=package_versions(f.packages))
+        self.progress("convert", {"id": art.id})
+        t0 = time.perf_counter()
+        calibration = self.calibration if precision in CALIBRATED else None
+        try:
+            with atomic_path(folder / fname) as tmp:
+                res = self.convert(f, lambda dest: f.export(self.traced, precision, calibration, dest,
+                                                            self.req.options_for(fmt)), tmp)
+        except Exception as e:  # recorded per artifact; the others go on
+            art.status, art.path, art.error = "failed", None, one_line(e)
+            art.timings["convert_s"] = _seconds(t0)
+            return art
+        art.timings["convert_s"] = round(res.seconds, 3) if res.seconds is not None else _seconds(t0)
+        self.record(art, res, folder / fname)
+        self.verify(art)
+        return art
+
+    def convert(self, f: Format, run: Callable[[Path], ExportResult], dest: Path,
+                keep_files: bool = True) -> ExportResult:
+        """Run a conversion into ``dest``, keep its side files in the artifact folder, describe its
+        I/O and its placement while the files it describes still exist."""
+        try:
+            res = run(dest)
+        except ExportFailed as e:
+            if keep_files:
+                self._keep(e.files)
+            raise
+        describe(f, res, res.described_by or dest)
+        kept = self._keep(res.files) if keep_files else []
+        if kept:
+            res.extra = {**res.extra, "files": kept}
+        return res
+
+    def _keep(self, files: list[Path]) -> list[str]:
+        """Move side files into the artifact folder (each atomically); their names."""
+        names = []
+        for p in files:
+            if p.is_file():
+                with atomic_path(self.req.folder / p.name) as tmp:
+                    shutil.copyfile(p, tmp)
+                names.append(p.name)
+        return names
+
+    def record(self, art: Artifact, res: ExportResult, path: Path) -> None:
+        """Fill an artifact's manifest entry from a finished conversion."""
+        art.sha256 = sha256_file(path)
+        art.size_bytes = path_size(path)
+        art.inputs, art.outputs = res.inputs, res.outputs
+        art.options = {**res.options, "input_kind": res.input_kind}
+        art.calibration = res.calibration or self._calibration_record(art.precision)
+        art.extra = res.extra or {}
+        art.status, art.error = "ok", None
+
+    def _calibration_record(self, precision: str) -> Optional[dict]:
+        if precision not in CALIBRATED or self.calibration is None:
+            return None
+        return {**self.calibration.describe(), "method": "unknown (not recorded by the exporter)"}
+
+    def verify(self, art: Artifact) -> None:
+        """Verify an ok artifact on the verification set, with its precision's thresholds (untrained
+        models: a structural bound for quantized artifacts)."""
+        if not art.ok or art.path is None:
+            return
+        if not self.req.verify:
+            art.verification.status, art.verification.reason = "skipped", "--no-verify"
+            return
+        self.progress("verify", {"id": art.id})
+        art.verification = verify_artifact(self.req.folder / art.path, art.format, art.precision, self.vset,
+                                           trained=self.traced.source.trained)
+        art.timings["verify_s"] = art.verification.seconds
+        if art.verification.status == "failed":
+            art.status, art.error = "verify_failed", art.verification.reason
+
+
+def describe(f: Format, res: ExportResult, path: Path) -> None:
+    """Complete a conversion's result: I/O from the format's verifier runtime (unless the format gave
+    it), and the placement prediction the format asks for, read from ``path``."""
+    if not res.inputs and not res.outputs:
+        try:
+            res.inputs, res.outputs = describe_io(path, f.name)
+        except LookupError as e:  # no runtime for it here: the manifest says so
+            res.extra = {**res.extra, "io": f"not described: {e}"}
+    if f.placement:
+        prediction = PLACEMENT_PREDICTORS[f.placement](path)
+        res.extra = {**res.extra, f.placement: f.placement_report(prediction, res)}
+
+
+def verification_set(traced: Traced, calibration: Optional[Calibration], samples: int, seed: int) -> VerificationSet:
+    """Real calibration images when given, else seeded noise; with the source model's outputs."""
+    if calibration is not None and calibration.source != "random":
+        raw, source = calibration.raw[:samples], calibration.source
+    else:
+        rng = np.random.default_rng(seed + 1)
+        raw = rng.integers(0, 256, size=(samples, *traced.source.input_shape[1:])).astype(np.float32)
+        source = "random"
+    data = traced.preprocessing.apply(raw).astype(np.float32)
+    return VerificationSet(raw=raw, data=data, reference=traced.reference(data), source=source)
