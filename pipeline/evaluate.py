@@ -350,9 +350,9 @@ def metrics_row(row: dict, out: np.ndarray, ds: LabelledSet, source: dict, sourc
 def evaluate_on_device(runner, path: Path, fmt: str, ds: LabelledSet, inputs_npz: Path, source: dict,
                        source_pred: np.ndarray, num_classes: int, threads: Optional[int] = None) -> dict:
     """One artifact on a remote device (target cpu there) through the agent's predict mode."""
-    from edgepipe.devices.remote.runner import TransportError, _runtime_name
+    from edgepipe.devices import TransportError, runtime_name
 
-    row = {"target": "cpu", "runtime": _runtime_name(fmt, "cpu") if fmt in ("tflite", "onnx") else None}
+    row = {"target": "cpu", "runtime": runtime_name(fmt, "cpu") if fmt in ("tflite", "onnx") else None}
     why = runner.predict_reason(fmt, "cpu")
     if why:
         return {**row, "status": "skipped", "reason": why}
@@ -399,7 +399,7 @@ def validate(req: EvalRequest) -> tuple[Manifest, Path, list[str], bool]:
         for a in req.artifacts:
             m.artifact(a)  # raises UserError for unknown ids
     if req.device and req.device != "local":
-        from edgepipe.devices.remote.runner import Registry
+        from edgepipe.devices import Registry
 
         Registry(req.config).get(req.device)  # UserError naming the registry when unknown
         if explicit and targets != ["cpu"]:
@@ -467,7 +467,7 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
 def _evaluate_remote(req: EvalRequest, device: str, arts, folder: Path, ds, data, source, src_pred, k,
                      progress: Progress) -> list[dict]:
     """Every artifact on one registered device, in one session (the inputs are written once)."""
-    from edgepipe.devices.remote.runner import Registry, make_runner
+    from edgepipe.devices import Registry, make_runner
 
     registry = Registry(req.config)
     runner = make_runner(registry.get(device), registry)

@@ -25,9 +25,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgepipe.devices.measure.bench import BenchSettings
-from edgepipe.devices.remote.runner import (Registry, TransportError, bench_devices, make_device, make_runner, parse_url, resolve_devices)
-from edgepipe.devices.measure.report import render_html, render_markdown, write_reports
+from edgepipe.devices import (BenchSettings, Registry, TransportError, bench_devices, make_device, make_runner,
+                              render_html, render_markdown, resolve_devices, write_reports)
+from edgepipe.devices.remote.registry import parse_url
 from edgepipe.pipeline.base.errors import UserError
 
 SSHD = "/usr/sbin/sshd"

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from edgepipe.devices.measure.bench import BenchReport, BenchSettings, run_bench, write_reports
-from edgepipe.devices.measure.report import compare, render_html, render_markdown
+from edgepipe.devices import BenchReport, BenchSettings, compare, render_html, render_markdown, run_bench, write_reports
 from edgepipe.pipeline.cli.main import main as cli_main
 
 

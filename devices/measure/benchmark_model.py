@@ -18,7 +18,7 @@ yielding 1 partitions") and, with ``--enable_op_profiling=true``, tab-separated 
 in us: Warmup: .., Init: .., Inference: .." and "Peak memory footprint (MB): init=.. overall=..".
 
 ``parse(text)`` turns that into a ``BenchmarkModelResult``; ``row_fields(result)`` into the fields of
-a BenchRow (``devices/bench.py``), so rows measured this way sit in the same report as the agent's.
+a BenchRow (``measure/bench.py``), so rows measured this way sit in the same report as the agent's.
 The tool reports the mean, standard deviation, min and max of its runs, never a median or
 percentiles: rows from it carry the mean in the median's column, and say so in a note.
 Nothing here imports TensorFlow, or anything beyond the standard library.

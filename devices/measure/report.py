@@ -18,10 +18,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:  # pragma: no cover
-    from edgepipe.devices.measure.bench import BenchReport, BenchRow
+from edgepipe.pipeline.base.bench import BenchReport, BenchRow
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.util import write_text_atomic
 
 TARGET_COLORS = {"cpu": "#1f77b4", "gpu": "#d62728", "edgetpu": "#2ca02c", "reference": "#9467bd"}
 STATUS_ICON = {"ok": "ok", "failed": "FAILED", "skipped": "skipped", "unavailable": "unavailable"}
@@ -67,10 +68,8 @@ class Comparison:
         return d
 
 
-def compare(old: "BenchReport", new: "BenchReport", threshold: float = 0.10) -> Comparison:
+def compare(old: BenchReport, new: BenchReport, threshold: float = 0.10) -> Comparison:
     """Ratio of medians per (artifact, target, runtime); beyond ``threshold`` (0.10 = 10 %) is flagged."""
-    from edgepipe.pipeline.base.errors import UserError
-
     if not (0 < threshold < 10):
         raise UserError(f"threshold {threshold} is out of range", "Use a fraction such as 0.1 for 10 %")
     cmp = Comparison(threshold=threshold, old_created=old.created, new_created=new.created)
@@ -144,7 +143,7 @@ def _kb_to_mb(kb: Optional[float]) -> str:
     return "-" if not kb else f"{kb / 1024:.0f}"
 
 
-def _placement_text(r: "BenchRow") -> str:
+def _placement_text(r: BenchRow) -> str:
     p = r.placement or {}
     if not p:
         return "-"
@@ -163,7 +162,7 @@ def _placement_text(r: "BenchRow") -> str:
     return str(acc or "-")
 
 
-def _agreement_text(r: "BenchRow") -> str:
+def _agreement_text(r: BenchRow) -> str:
     a = r.agreement or {}
     if "max_abs" not in a:
         return "-"
@@ -173,36 +172,36 @@ def _agreement_text(r: "BenchRow") -> str:
     return s
 
 
-def _ci_text(r: "BenchRow") -> str:
+def _ci_text(r: BenchRow) -> str:
     ci = (r.latency_ms or {}).get("ci95_p50")
     return f"{_ms(ci[0])}–{_ms(ci[1])}" if ci else "-"
 
 
-def _host_line(rep: "BenchReport") -> str:
+def _host_line(rep: BenchReport) -> str:
     h = rep.host or {}
     cpu = h.get("cpu", {})
-    isa = ", ".join(cpu.get("isa", [])[:8])
+    isa = ", ".join(cpu.get("isa", []))  # all of them: `edgepipe devices` shows the same list
     return (f"{cpu.get('model', '?')} ({cpu.get('arch', '?')}, {cpu.get('usable_cores', '?')} usable cores"
             + (f"; {isa}" if isa else "") + f"), {h.get('os', '?')}, Python {h.get('python', '?')}")
 
 
-def _versions_line(rep: "BenchReport") -> str:
+def _versions_line(rep: BenchReport) -> str:
     v = (rep.host or {}).get("versions", {})
     return ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "numpy")
 
 
-def _multi_device(rep: "BenchReport") -> bool:
-    """Rows from a registered device (ssh/adb, devices/remote.py): show a Device column."""
+def _multi_device(rep: BenchReport) -> bool:
+    """Rows from a registered device (ssh/adb, devices/remote/): show a Device column."""
     return any(getattr(r, "device", "local") != "local" for r in rep.rows)
 
 
-def _where(r: "BenchRow") -> str:
+def _where(r: BenchRow) -> str:
     """'cpu', or 'cpu @ pi4' for a row measured on a registered device."""
     d = getattr(r, "device", "local")
     return r.target if d == "local" else f"{r.target} @ {d}"
 
 
-def _device_lines(rep: "BenchReport") -> list[str]:
+def _device_lines(rep: BenchReport) -> list[str]:
     """'name (url): host line' for every device of a report with remote rows."""
     if not _multi_device(rep):
         return []
@@ -216,7 +215,7 @@ def _device_lines(rep: "BenchReport") -> list[str]:
     return out
 
 
-def _sorted_rows(rep: "BenchReport") -> list["BenchRow"]:
+def _sorted_rows(rep: BenchReport) -> list[BenchRow]:
     order = {"cpu": 0, "gpu": 1, "edgetpu": 2}
     arts = []
     for r in rep.rows:
@@ -237,7 +236,7 @@ def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rep: "BenchReport", comparison: Optional[Comparison] = None) -> str:
+def render_markdown(rep: BenchReport, comparison: Optional[Comparison] = None) -> str:
     s = rep.settings or {}
     c = rep.counts()
     out = [f"## edgepipe bench: {rep.model.get('name', '?')}", ""]
@@ -360,7 +359,7 @@ def _fmt_tick(v: float) -> str:
     return f"{v:g}"
 
 
-def svg_latency(rep: "BenchReport") -> str:
+def svg_latency(rep: BenchReport) -> str:
     """Horizontal bars: p50 per (artifact, target), whisker p50-p90, label with the figures."""
     rows = [r for r in _sorted_rows(rep) if r.ok and r.stat("p50")]
     bar_h, gap, left, right, top = 16, 6, 230, 120, 34
@@ -404,7 +403,7 @@ def svg_latency(rep: "BenchReport") -> str:
     return "\n".join(parts)
 
 
-def _artifact_sizes(rep: "BenchReport") -> list[tuple[str, int, str]]:
+def _artifact_sizes(rep: BenchReport) -> list[tuple[str, int, str]]:
     seen = {}
     for r in rep.rows:
         if r.size_bytes and r.artifact not in seen:
@@ -412,7 +411,7 @@ def _artifact_sizes(rep: "BenchReport") -> list[tuple[str, int, str]]:
     return list(seen.values())
 
 
-def svg_size(rep: "BenchReport") -> str:
+def svg_size(rep: BenchReport) -> str:
     items = _artifact_sizes(rep)
     bar_h, gap, left, right, top, width = 16, 6, 230, 90, 34, 820
     height = top + max(1, len(items)) * (bar_h + gap) + 30
@@ -438,7 +437,7 @@ def svg_size(rep: "BenchReport") -> str:
     return "\n".join(parts)
 
 
-def svg_scatter(rep: "BenchReport") -> str:
+def svg_scatter(rep: BenchReport) -> str:
     pts = [r for r in rep.rows if r.ok and r.stat("p50") and r.size_bytes]
     width, height, left, right, top, bottom = 820, 380, 70, 150, 34, 46
     parts = [f'<svg id="plot-scatter" class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
@@ -499,7 +498,7 @@ svg .grid{stroke:#e5e5e5;stroke-width:1}
 """
 
 
-def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> str:
+def render_html(rep: BenchReport, comparison: Optional[Comparison] = None) -> str:
     s = rep.settings or {}
     c = rep.counts()
     e = _esc
@@ -578,11 +577,9 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
     return "\n".join(h)
 
 
-def write_reports(rep: "BenchReport", out_dir: str | os.PathLike,
+def write_reports(rep: BenchReport, out_dir: str | os.PathLike,
                   comparison: Optional[Comparison] = None) -> dict[str, Path]:
     """bench.json, bench.md and bench.html in ``out_dir`` (each written atomically)."""
-    from edgepipe.pipeline.base.util import write_text_atomic
-
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": rep.save(d / "bench.json"),

@@ -79,15 +79,14 @@ def bench(
     config: Optional[str] = typer.Option(None, "--config", help="Device registry (default: $EDGEPIPE_CONFIG, "
                                                                 "else $XDG_CONFIG_HOME/edgepipe/devices.json)."),
 ) -> None:
-    from edgepipe.devices.measure.bench import BenchReport, BenchSettings, resolve_targets, run_bench
-    from edgepipe.devices.measure.report import compare, write_reports
+    from edgepipe.devices import BenchReport, BenchSettings, compare, parse_targets, run_bench, write_reports
     from edgepipe.pipeline.cli.main import console, emit_json
     from edgepipe.pipeline.base.errors import StageFailure
     from edgepipe.pipeline.base.manifest import find_manifest
 
     # every check that can fail fast does so before the first measurement
     settings = BenchSettings(
-        targets=resolve_targets(targets), threads=threads, runs=runs, min_seconds=min_seconds, warmup=warmup,
+        targets=parse_targets(targets), threads=threads, runs=runs, min_seconds=min_seconds, warmup=warmup,
         artifacts=[a.strip() for a in artifacts.split(",") if a.strip()] if artifacts else None,
         profile=profile, timeout_s=timeout, inputs=str(inputs) if inputs else None,
     ).validate()
@@ -96,7 +95,7 @@ def bench(
         compare(old, old, threshold)  # raises the UserError for a bad threshold
     out_dir = out or find_manifest(out_or_manifest).parent
     if device:  # unknown device names and a missing binary fail here, before any measurement
-        from edgepipe.devices.remote.runner import Registry, check_benchmark_binary, resolve_devices
+        from edgepipe.devices import Registry, check_benchmark_binary, resolve_devices
 
         resolve_devices(device, Registry(config))
         if benchmark_binary:
@@ -118,7 +117,7 @@ def bench(
                 con.print(f"[{i}/{n}] {row.artifact} on {row.target}{at}: {row.status} {fig}")
 
         if device:
-            from edgepipe.devices.remote.runner import bench_devices
+            from edgepipe.devices import bench_devices
 
             report = bench_devices(out_or_manifest, settings, device, config=config,
                                    benchmark_binary=str(benchmark_binary) if benchmark_binary else None,
@@ -194,8 +193,7 @@ def report(
 ) -> None:
     import sys
 
-    from edgepipe.devices.measure.bench import BenchReport
-    from edgepipe.devices.measure.report import compare, render_html, render_markdown
+    from edgepipe.devices import BenchReport, compare, render_html, render_markdown
     from edgepipe.pipeline.cli.main import emit_json
     from edgepipe.pipeline.base.errors import UserError
     from edgepipe.pipeline.base.util import write_text_atomic

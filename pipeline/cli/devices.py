@@ -51,7 +51,7 @@ def describe(runner) -> dict:
 
 
 def probe_device(dev, registry, benchmark_binary: Optional[str] = None) -> dict:
-    from edgepipe.devices.remote.runner import make_runner
+    from edgepipe.devices import make_runner
 
     runner = make_runner(dev, registry, benchmark_binary)
     with runner:
@@ -80,8 +80,8 @@ def devices(
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
+    from edgepipe.devices import Registry
     from edgepipe.devices.measure import host
-    from edgepipe.devices.remote.runner import Registry
     from edgepipe.pipeline.cli.main import console, emit_json
 
     registry = Registry(config)
@@ -172,7 +172,7 @@ def add(
     config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
     json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    from edgepipe.devices.remote.runner import Registry, make_device
+    from edgepipe.devices import Registry, make_device
     from edgepipe.pipeline.cli.main import console, emit_json
     from edgepipe.pipeline.base.errors import UserError
 
@@ -183,7 +183,7 @@ def add(
     registry.add(dev, replace=replace)
     info = None
     if not no_check:
-        from edgepipe.devices.remote.runner import make_runner
+        from edgepipe.devices import make_runner
 
         runner = make_runner(dev, registry)
         with runner:
@@ -212,7 +212,7 @@ def remove(
     config: Optional[str] = typer.Option(None, "--config", help=_CONFIG_HELP),
     json_: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    from edgepipe.devices.remote.runner import Registry
+    from edgepipe.devices import Registry
     from edgepipe.pipeline.cli.main import console, emit_json
 
     registry = Registry(config)
