@@ -82,6 +82,7 @@ class ONNXFormat(Format):
     def export(self, traced, precision, calibration, dest: Path, options: ExportOptions) -> ExportResult:
         import onnx
 
+        from edgepipe.devices.runtimes.base import to_tensor_info
         from edgepipe.devices.runtimes.ort import ORTCPU
 
         used: dict = {"converter": "tf2onnx.convert.from_function", "opset": options.onnx_opset}
@@ -126,7 +127,7 @@ class ONNXFormat(Format):
         else:  # pragma: no cover - registry guards this
             raise ValueError(precision)
         with ORTCPU().load(dest) as s:
-            ins, outs = s.inputs, s.outputs
+            ins, outs = [to_tensor_info(t) for t in s.inputs], [to_tensor_info(t) for t in s.outputs]
         calib = None
         if precision == "int8":
             calib = {**calibration.describe(), "method": options.calib_method or "minmax"}

@@ -114,6 +114,9 @@ def load_all() -> None:
         importlib.import_module(m)
 
 
+_load_all = load_all  # the name pipeline/verify.py and pipeline/recover.py still import
+
+
 def load_runtime(name: str, target: str, module: Optional[str] = None, file: Optional[str] = None) -> Runtime:
     """The registered runtime (name, target); ``module`` (or, when it is not importable, ``file``) is
     imported first for runtimes registered outside RUNTIME_MODULES (a plugin, a test module)."""
