@@ -36,6 +36,18 @@ def test_reports_written_and_parsed_back(report, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporaries
 
 
+def test_host_line_lists_every_isa_flag(report):
+    # bench.md used to cut the list at eight, dropping avx512_vnni, which `edgepipe devices` shows
+    from edgepipe.devices.measure.host import X86_FLAGS, cpu_facts
+
+    rep = copy.deepcopy(report)
+    rep.host["cpu"]["isa"] = list(X86_FLAGS)
+    host_line = next(ln for ln in render_markdown(rep).splitlines() if ln.startswith("- **Host:**"))
+    assert all(f in host_line for f in X86_FLAGS) and "avx512_vnni" in host_line
+    here = next(ln for ln in render_markdown(report).splitlines() if ln.startswith("- **Host:**"))
+    assert all(f in here for f in cpu_facts()["isa"])
+
+
 def test_markdown_table(report):
     md = render_markdown(report)
     lines = md.splitlines()
