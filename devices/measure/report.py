@@ -498,10 +498,8 @@ svg .grid{stroke:#e5e5e5;stroke-width:1}
 """
 
 
-def render_html(rep: BenchReport, comparison: Optional[Comparison] = None) -> str:
-    s = rep.settings or {}
-    c = rep.counts()
-    e = _esc
+def _html_head(rep: BenchReport) -> list[str]:
+    s, c, e = rep.settings or {}, rep.counts(), _esc
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
          f"<title>edgepipe bench: {e(rep.model.get('name', '?'))}</title>", f"<style>{_CSS}</style></head><body>",
          f"<h1>edgepipe bench: {e(rep.model.get('name', '?'))}</h1>",
@@ -517,27 +515,20 @@ def render_html(rep: BenchReport, comparison: Optional[Comparison] = None) -> st
     gpu = (rep.targets or {}).get("gpu", {}).get("tflite", {})
     if gpu.get("note"):
         h.append(f'<p class="meta"><b>GPU:</b> {e(gpu["note"])}</p>')
-    h.append("<h2>Latency</h2>")
-    h.append(svg_latency(rep))
-    h.append("<h2>Size</h2>")
-    h.append(svg_size(rep))
-    h.append("<h2>Latency against size</h2>")
-    h.append(svg_scatter(rep))
-    h.append("<h2>All rows</h2><table><thead><tr>")
-    multi = _multi_device(rep)
-    cols = (["Device"] if multi else []) + [
-        "Artifact", "Format", "Precision", "Target", "Runtime", "Status", "p50 ms", "95% CI", "p90 ms", "p99 ms",
-            "mean ± std", "Runs", "Load ms", "First ms", "Peak RSS MB", "Size MB", "Placement", "vs CPU", "Reason"]
-    h.append("".join(f"<th>{e(x)}</th>" for x in cols) + "</tr></thead><tbody>")
-    for r in _sorted_rows(rep):
-        lat = r.latency_ms or {}
-        num = lambda v: f'<td class="num">{e(v)}</td>'  # noqa: E731
-        reason = (r.reason or "") + (f" ({r.signal})" if r.signal and r.signal not in (r.reason or "") else "")
-        if r.notes:
-            reason = "; ".join([reason] + list(r.notes)) if reason else "; ".join(r.notes)
-        mean = f"{_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}" if r.ok else "-"
-        h.append(
-            f'<tr class="{e(r.status)}">{"<td>" + e(r.device) + "</td>" if multi else ""}'
+    return h
+
+
+def _html_row(r: BenchRow, multi: bool) -> str:
+    e, lat = _esc, r.latency_ms or {}
+
+    def num(v) -> str:
+        return f'<td class="num">{e(v)}</td>'
+
+    reason = (r.reason or "") + (f" ({r.signal})" if r.signal and r.signal not in (r.reason or "") else "")
+    if r.notes:
+        reason = "; ".join([reason] + list(r.notes)) if reason else "; ".join(r.notes)
+    mean = f"{_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}" if r.ok else "-"
+    return (f'<tr class="{e(r.status)}">{"<td>" + e(r.device) + "</td>" if multi else ""}'
             f'<td>{e(r.artifact)}</td><td>{e(r.format)}</td><td>{e(r.precision)}</td>'
             f'<td>{e(r.target)}</td><td>{e(r.runtime)}{" " + e(r.runtime_version) if r.runtime_version else ""}</td>'
             f'<td><span class="badge b-{e(r.status)}">{e(r.status)}</span></td>'
@@ -547,34 +538,52 @@ def render_html(rep: BenchReport, comparison: Optional[Comparison] = None) -> st
             + num(_kb_to_mb((r.memory or {}).get("peak_rss_kb"))) + num(_mb(r.size_bytes))
             + f"<td>{e(_placement_text(r) if r.ok else '-')}</td><td>{e(_agreement_text(r))}</td>"
             f"<td>{e(reason)}</td></tr>")
-    h.append("</tbody></table>")
-    prof = [r for r in _sorted_rows(rep) if r.ok and r.profile and r.profile.get("top_ops")]
-    if prof:
-        h.append("<h2>Top ops by time</h2>")
-        for r in prof:
-            h.append(f"<p><b>{e(r.artifact)} on {e(_where(r))}</b> ({e(r.profile.get('source'))}, "
-                     f"{_ms(r.profile.get('total_ms_per_run'))} ms of kernels per run)</p><table><tr><th>Op</th>"
-                     "<th>ms/run</th><th>%</th><th>Nodes</th></tr>")
-            for o in r.profile["top_ops"]:
-                h.append(f'<tr><td>{e(o["op"])}</td><td class="num">{_ms(o["ms"])}</td>'
-                         f'<td class="num">{o["pct"]:.1f}</td><td class="num">{e(o.get("nodes", ""))}</td></tr>')
-            h.append("</table>")
-    if comparison is not None:
-        h.append(f"<h2>Comparison with the previous run (flag beyond ±{comparison.threshold:.0%})</h2>")
-        h.append(f"<p>{len(comparison.regressions)} regression(s), {len(comparison.improvements)} improvement(s).</p>")
-        for n in comparison.notes:
-            h.append(f'<p class="meta">{e(n)}</p>')
-        h.append("<table><tr><th>Artifact</th><th>Target</th><th>Old p50 ms</th><th>New p50 ms</th><th>Ratio</th>"
-                 "<th>Verdict</th><th>Note</th></tr>")
-        for ch in comparison.changes:
-            cls = "reg" if ch.verdict == "regression" else "imp" if ch.verdict == "improvement" else ""
-            h.append(f"<tr><td>{e(ch.artifact)}</td><td>{e(ch.target)}</td><td class=\"num\">{_ms(ch.old_p50)}</td>"
-                     f"<td class=\"num\">{_ms(ch.new_p50)}</td><td class=\"num\">"
-                     f"{f'{ch.ratio:.3f}' if ch.ratio else '-'}</td><td class=\"{cls}\">{e(ch.verdict)}</td>"
-                     f"<td>{e(ch.note or '')}</td></tr>")
+
+
+def _html_table(rep: BenchReport) -> list[str]:
+    multi = _multi_device(rep)
+    cols = (["Device"] if multi else []) + [
+        "Artifact", "Format", "Precision", "Target", "Runtime", "Status", "p50 ms", "95% CI", "p90 ms", "p99 ms",
+        "mean ± std", "Runs", "Load ms", "First ms", "Peak RSS MB", "Size MB", "Placement", "vs CPU", "Reason"]
+    return (["<h2>All rows</h2><table><thead><tr>" + "".join(f"<th>{_esc(x)}</th>" for x in cols)
+             + "</tr></thead><tbody>"] + [_html_row(r, multi) for r in _sorted_rows(rep)] + ["</tbody></table>"])
+
+
+def _html_profiles(rep: BenchReport) -> list[str]:
+    e, h = _esc, []
+    for r in (r for r in _sorted_rows(rep) if r.ok and r.profile and r.profile.get("top_ops")):
+        h.append(f"<p><b>{e(r.artifact)} on {e(_where(r))}</b> ({e(r.profile.get('source'))}, "
+                 f"{_ms(r.profile.get('total_ms_per_run'))} ms of kernels per run)</p><table><tr><th>Op</th>"
+                 "<th>ms/run</th><th>%</th><th>Nodes</th></tr>")
+        h += [f'<tr><td>{e(o["op"])}</td><td class="num">{_ms(o["ms"])}</td><td class="num">{o["pct"]:.1f}</td>'
+              f'<td class="num">{e(o.get("nodes", ""))}</td></tr>' for o in r.profile["top_ops"]]
         h.append("</table>")
-    h.append("</body></html>")
-    return "\n".join(h)
+    return (["<h2>Top ops by time</h2>"] + h) if h else []
+
+
+def _html_comparison(cmp: Comparison) -> list[str]:
+    e = _esc
+    h = [f"<h2>Comparison with the previous run (flag beyond ±{cmp.threshold:.0%})</h2>",
+         f"<p>{len(cmp.regressions)} regression(s), {len(cmp.improvements)} improvement(s).</p>",
+         *(f'<p class="meta">{e(n)}</p>' for n in cmp.notes),
+         "<table><tr><th>Artifact</th><th>Target</th><th>Old p50 ms</th><th>New p50 ms</th><th>Ratio</th>"
+         "<th>Verdict</th><th>Note</th></tr>"]
+    for ch in cmp.changes:
+        cls = "reg" if ch.verdict == "regression" else "imp" if ch.verdict == "improvement" else ""
+        h.append(f"<tr><td>{e(ch.artifact)}</td><td>{e(ch.target)}</td><td class=\"num\">{_ms(ch.old_p50)}</td>"
+                 f"<td class=\"num\">{_ms(ch.new_p50)}</td><td class=\"num\">"
+                 f"{f'{ch.ratio:.3f}' if ch.ratio else '-'}</td><td class=\"{cls}\">{e(ch.verdict)}</td>"
+                 f"<td>{e(ch.note or '')}</td></tr>")
+    return h + ["</table>"]
+
+
+def render_html(rep: BenchReport, comparison: Optional[Comparison] = None) -> str:
+    """One self-contained page: plots, the full table, reasons, top ops, the comparison."""
+    h = _html_head(rep) + ["<h2>Latency</h2>", svg_latency(rep), "<h2>Size</h2>", svg_size(rep),
+                           "<h2>Latency against size</h2>", svg_scatter(rep)]
+    h += _html_table(rep) + _html_profiles(rep)
+    h += _html_comparison(comparison) if comparison is not None else []
+    return "\n".join(h + ["</body></html>"])
 
 
 def write_reports(rep: BenchReport, out_dir: str | os.PathLike,
