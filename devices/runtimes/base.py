@@ -117,20 +117,29 @@ def load_all() -> None:
 _load_all = load_all  # the name pipeline/verify.py and pipeline/recover.py still import
 
 
-def load_runtime(name: str, target: str, module: Optional[str] = None, file: Optional[str] = None) -> Runtime:
-    """The registered runtime (name, target); ``module`` (or, when it is not importable, ``file``) is
-    imported first for runtimes registered outside RUNTIME_MODULES (a plugin, a test module)."""
-    load_all()
-    if (name, target) not in Runtime.registry and module:
+def _import_plugin(module: Optional[str], file: Optional[str]) -> None:
+    """Import the module that registers a runtime: by name, else from its file (a test module, a script)."""
+    if module and module != "__main__":
         try:
             importlib.import_module(module)
+            return
         except ImportError:
             if not file:
                 raise
-            found = importlib.util.spec_from_file_location(module, file)
-            mod = importlib.util.module_from_spec(found)
-            sys.modules[module] = mod  # as an import would (dataclasses and pickling look it up)
-            found.loader.exec_module(mod)
+    if file:
+        name = module if module and module != "__main__" else f"edgepipe_runtime_{Path(file).stem}"
+        found = importlib.util.spec_from_file_location(name, file)
+        mod = importlib.util.module_from_spec(found)
+        sys.modules[name] = mod  # as an import would (dataclasses and pickling look it up)
+        found.loader.exec_module(mod)
+
+
+def load_runtime(name: str, target: str, module: Optional[str] = None, file: Optional[str] = None) -> Runtime:
+    """The registered runtime (name, target); ``module`` (or, when it is not importable, ``file``) is
+    imported first for runtimes registered outside RUNTIME_MODULES (a plugin, a test module, a script)."""
+    load_all()
+    if (name, target) not in Runtime.registry:
+        _import_plugin(module, file)
     cls = Runtime.registry.get((name, target))
     if cls is None:
         raise agent.Unavailable(f"no runtime {name} on {target} is registered")
