@@ -163,7 +163,8 @@ def test_devices_add_and_bench_through_dropbear(dropbear, reg, remote_tmp, tiny_
     # eval's predictions come back through the same channel, equal to this host's
     x = np.random.default_rng(2).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
     np.savez(tmp_path / "x.npz", inputs=x)
-    y = predict_on_device("tiny-board", tiny_export / "tiny_fp32.onnx", "onnx", tmp_path / "x.npz", config=str(reg.path))
+    y = predict_on_device("tiny-board", tiny_export / "tiny_fp32.onnx", "onnx", tmp_path / "x.npz",
+                          config=str(reg.path))
     registry = Registry(reg.path)
     with make_runner(registry.get("tiny-board"), registry) as runner:
         assert runner.error is None and runner.t.copy["mode"] == "stream"

@@ -57,7 +57,8 @@ def manifest_inputs(manifest: Manifest, folder: Path, tmp: Path) -> tuple[Option
             with np.load(c) as z:
                 for key in ("inputs", "x", "input", "data", "calibration", "images"):
                     a = z[key] if key in z.files else None
-                    if a is not None and a.dtype.kind == "f" and a.ndim >= 2 and (want is None or list(a.shape[1:]) == want):
+                    fits = a is not None and a.dtype.kind == "f" and a.ndim >= 2
+                    if fits and (want is None or list(a.shape[1:]) == want):
                         extra = {"raw": z["raw"][:32].astype(np.float32)} if "raw" in z.files and \
                             z["raw"].shape[0] >= min(32, a.shape[0]) else {}
                         np.savez(tmp / "inputs.npz", inputs=a[:32].astype(np.float32), **extra)
@@ -177,7 +178,8 @@ def agreement(ref: dict, got: dict) -> dict:
         o = {"output": k, "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
              "max_rel_to_range": float(diff.max()) / scale, "samples": int(a.shape[0])}
         if a.ndim >= 2 and a.shape[-1] > 1:
-            o["top1_agreement"] = float(np.mean(a.reshape(a.shape[0], -1).argmax(-1) == b.reshape(b.shape[0], -1).argmax(-1)))
+            same = a.reshape(a.shape[0], -1).argmax(-1) == b.reshape(b.shape[0], -1).argmax(-1)
+            o["top1_agreement"] = float(np.mean(same))
             top1.append(o["top1_agreement"])
         out["outputs"].append(o)
     measured = [o for o in out["outputs"] if "max_abs" in o]

@@ -83,7 +83,9 @@ def export_reason(art: Artifact) -> Optional[str]:
     """Why an artifact the export did not produce has nothing to run, or None."""
     if art.status in ("ok", "verify_failed"):
         return None
-    return f"export failed: {art.error}" if art.status == "failed" and art.error else f"export {art.status}: no artifact to run"
+    if art.status == "failed" and art.error:
+        return f"export failed: {art.error}"
+    return f"export {art.status}: no artifact to run"
 
 
 def plan_row(art: Artifact, target: str, folder: Path, where: Where) -> tuple[BenchRow, Optional[Job]]:

@@ -32,7 +32,7 @@ import tempfile
 import time
 import traceback
 from importlib import metadata
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def _binom_half_pmf_table(n):
     return [math.exp(lg(n + 1) - lg(i + 1) - lg(n - i + 1) - n * math.log(2.0)) for i in range(n // 2 + 1)]
 
 
-def median_ci(sorted_xs, confidence=0.95):
+def median_ci(sorted_xs: List[float], confidence: float = 0.95) -> Optional[Tuple[float, float, float]]:
     """Distribution-free CI of the median (lo, hi, coverage): [x_(l), x_(n-l+1)] covers it with probability
     1 - 2 P(Bin(n, 1/2) <= l - 1), l the largest rank keeping that >= confidence (n < 6: [min, max])."""
     n = len(sorted_xs)
@@ -81,7 +81,7 @@ def median_ci(sorted_xs, confidence=0.95):
     return sorted_xs[lo_rank - 1], sorted_xs[n - lo_rank], max(0.0, 1.0 - 2.0 * sum(pmf[:lo_rank]))
 
 
-def summarize(samples_ms):
+def summarize(samples_ms: List[float]) -> Dict[str, Any]:
     """n, p50/p90/p99 (linear interpolation), mean, std, min, max, cv, the median's 95 % CI and its coverage."""
     xs = sorted(samples_ms)
     if not xs:
@@ -93,7 +93,7 @@ def summarize(samples_ms):
             "cv": std / mean if mean > 0 else None, "ci95_p50": [lo, hi], "ci_coverage": round(cov, 4)}
 
 
-def memory_now():
+def memory_now() -> Dict[str, int]:
     """Resident memory so far (VmHWM: ru_maxrss survives execve, so a child reports its parent's peak)."""
     m = {}
     if resource is not None:
@@ -107,7 +107,7 @@ def memory_now():
 
 
 @contextlib.contextmanager
-def capture_stderr():
+def capture_stderr() -> Iterator[Dict[str, str]]:
     """Tee fd 2 (native runtimes log there) into ``log["text"]``: a ``tee`` child passes it on as it arrives,
     so the parent sees it even when the runtime kills this process (a thread would not: native calls hold the GIL)."""
     sys.stderr.flush()
@@ -134,18 +134,18 @@ def capture_stderr():
         os.remove(name)
 
 
-def stage(name):
+def stage(name: str) -> None:
     """Mark progress on stderr: if the process dies, the parent knows in which stage."""
     sys.stderr.write("edgepipe-agent: stage %s\n" % name)
     sys.stderr.flush()
 
 
-def one_line(e):
+def one_line(e: object) -> str:
     s = " ".join(str(e).split())
     return (s[:400] + "...") if len(s) > 400 else s
 
 
-def dist_version(*names):
+def dist_version(*names: str) -> Optional[str]:
     for n in names:
         try:
             return metadata.version(n)
@@ -153,11 +153,11 @@ def dist_version(*names):
             pass
 
 
-def histogram(names):
+def histogram(names: Iterable[str]) -> Dict[str, int]:
     return dict(sorted(collections.Counter(names).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def import_tflite():
+def import_tflite() -> Tuple[str, Any]:
     """(module name, interpreter module). ai_edge_litert first; tflite_runtime on old boards."""
     for name in ("ai_edge_litert", "tflite_runtime"):
         try:
@@ -167,7 +167,7 @@ def import_tflite():
     raise Unavailable("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime on old boards)")
 
 
-def need(module, hint):
+def need(module: str, hint: str) -> Any:
     """Import a runtime module, or say what to install (Unavailable)."""
     try:
         return importlib.import_module(module)
@@ -175,7 +175,7 @@ def need(module, hint):
         raise Unavailable("%s (%s)" % (hint, one_line(e)))
 
 
-def cuda_reason(ort):
+def cuda_reason(ort: Any) -> Optional[str]:
     have = ort.get_available_providers()
     if "CUDAExecutionProvider" not in have:
         return "onnxruntime has no CUDAExecutionProvider (providers: %s): install onnxruntime-gpu with CUDA and " \
@@ -187,16 +187,17 @@ class Tensor:
 
     __slots__ = ("name", "shape", "dtype", "scale", "zero_point")
 
-    def __init__(self, name, shape, dtype, scale=(), zero_point=()):
+    def __init__(self, name: str, shape: Sequence[int], dtype: Any, scale: Sequence[float] = (),
+                 zero_point: Sequence[int] = ()):
         self.name, self.shape, self.dtype = str(name), [int(s) for s in shape], np.dtype(dtype).name
         self.scale, self.zero_point = list(scale), list(zero_point)
 
     @property
-    def quantization(self):
+    def quantization(self) -> Optional[Dict[str, list]]:
         return {"scale": self.scale, "zero_point": self.zero_point} if self.scale else None
 
     @classmethod
-    def from_tflite(cls, d):
+    def from_tflite(cls, d: dict) -> "Tensor":
         """From an Interpreter's tensor details (shape_signature: -1 for dynamic dimensions)."""
         q, sig = d.get("quantization_parameters") or {}, d.get("shape_signature")
         return cls(d["name"], sig if sig is not None and len(sig) else d["shape"], d["dtype"],
@@ -204,11 +205,11 @@ class Tensor:
                    np.asarray(q.get("zero_points", []), np.int64).ravel().tolist())
 
     @classmethod
-    def from_ort(cls, x):
+    def from_ort(cls, x: Any) -> "Tensor":
         return cls(x.name, [d if isinstance(d, int) else -1 for d in x.shape], _ORT_TYPES.get(x.type, "object"))
 
 
-def tensor_dict(t):
+def tensor_dict(t: Any) -> Dict[str, Any]:
     """Any tensor object (Tensor, TensorInfo) -> the JSON the agent prints."""
     q = getattr(t, "quantization", None) or {}
     return {"name": t.name, "shape": [int(s) for s in t.shape], "dtype": str(t.dtype),
@@ -216,7 +217,7 @@ def tensor_dict(t):
             "zero_point": [int(z) for z in q.get("zero_point") or []]}
 
 
-def quantize(x, t):
+def quantize(x: Any, t: Any) -> np.ndarray:
     """Float samples -> the tensor's dtype (affine quantization for integer tensors)."""
     dt, x = np.dtype(t.dtype), np.asarray(x)
     if x.dtype == dt or dt.kind == "f":
@@ -228,7 +229,7 @@ def quantize(x, t):
     return np.ascontiguousarray(np.clip(np.round(x.astype(np.float32) / scale + zp), ii.min, ii.max).astype(dt))
 
 
-def dequantize(y, t):
+def dequantize(y: Any, t: Any) -> np.ndarray:
     """An output in its dtype -> float32 (affine dequantization where the tensor is quantized)."""
     y, q = np.asarray(y), getattr(t, "quantization", None) or {}
     if y.dtype.kind == "f" or not q.get("scale"):
@@ -237,7 +238,7 @@ def dequantize(y, t):
     return (y.astype(np.float32) - zp) * np.asarray(q["scale"], np.float32)
 
 
-def random_input(t, rng=None):
+def random_input(t: Any, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """Random data in a tensor's dtype (full integer range for quantized inputs, [-1, 1] for floats)."""
     rng = rng or np.random.default_rng(0)
     dt, shape = np.dtype(t.dtype), [1 if int(s) < 0 else int(s) for s in t.shape]
@@ -256,23 +257,23 @@ class Session:
     runtime, version, api, input_kind = "", None, "", "tensor"  # runtime: the library that runs it
     inputs, outputs, facts = [], [], {}  # filled by subclasses: Tensor-like objects, facts about the runtime
 
-    def run_native(self, feeds):
+    def run_native(self, feeds: List[np.ndarray]) -> List[np.ndarray]:
         """Inputs in their native dtypes: write them, run, read every output back to host memory."""
         raise NotImplementedError
 
-    def run(self, inputs):
+    def run(self, inputs: Any) -> List[np.ndarray]:
         """Float inputs (the model's preprocessed input) -> float outputs; quantization inside."""
         inputs = [inputs] if isinstance(inputs, np.ndarray) else inputs
         outs = self.run_native([quantize(x, t) for x, t in zip(inputs, self.inputs)])
         return [dequantize(y, t) for y, t in zip(outs, self.outputs)]
 
-    def placement(self):
+    def placement(self) -> Dict[str, Any]:
         return {}
 
-    def profile(self, feeds, runs):
+    def profile(self, feeds: Optional[list], runs: int) -> Optional[dict]:
         return None
 
-    def close(self):
+    def close(self) -> None:
         pass
 
     def __enter__(self):
@@ -282,7 +283,7 @@ class Session:
         self.close()
 
 
-def tflite_io(path):
+def tflite_io(path: Any) -> Tuple[List[Tensor], List[Tensor]]:
     """(inputs, outputs) of a .tflite file as Tensors."""
     it = import_tflite()[1].Interpreter(model_path=str(path))
     return [[Tensor.from_tflite(d) for d in ds] for ds in (it.get_input_details(), it.get_output_details())]
@@ -371,7 +372,7 @@ def _delegated(ops, originals):
     return taken
 
 
-def check_static_shapes(path):
+def check_static_shapes(path: Any) -> Optional[str]:
     """Why the GPU accelerator cannot take this model (a dynamic input shape), before it fails cryptically."""
     try:
         t = next((t for t in tflite_io(path)[0] if any(s < 0 for s in t.shape)), None)
@@ -381,7 +382,7 @@ def check_static_shapes(path):
                   "static batch of 1" % (t.name, t.shape))
 
 
-def parse_gpu_log(text):
+def parse_gpu_log(text: str) -> Dict[str, Any]:
     """Facts from the GPU delegate's log: op counts on GPU/CPU, unsupported ops, the backend."""
     out = {}
     m = re.search(r"(\d+) operations will run on the GPU, and the remaining (\d+) operations? will run on the CPU",
@@ -556,7 +557,7 @@ class ORTSession(Session):
         return out
 
 
-def open_session(spec):
+def open_session(spec: "MeasureSpec") -> Session:
     """The built-in session for ``spec.format`` on ``spec.target``."""
     fmt, target = spec.format, spec.target
     if fmt == "tflite" and (target == "gpu" or (target == "cpu" and spec.api == "compiled_model")):
@@ -578,7 +579,7 @@ def _fit(a, t, where):
                                                                                       t.name, want))
 
 
-def load_inputs(session, npz_path, max_samples=32):
+def load_inputs(session: Session, npz_path: Optional[str], max_samples: Optional[int] = 32) -> Tuple[list, str]:
     """(list of feed lists, one per sample, in native dtypes; "file" or "random")."""
     if not npz_path:
         rng = np.random.default_rng(0)
@@ -622,14 +623,14 @@ class MeasureSpec:
     api: Optional[str] = None  # TFLite on cpu: interpreter (default) or compiled_model
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: Optional[dict]) -> "MeasureSpec":
         return cls(**{k: v for k, v in (d or {}).items() if k in _SPEC_FIELDS})
 
-    def to_argv(self):
+    def to_argv(self) -> List[str]:
         argv = []
         for name in _SPEC_FIELDS:
             v = getattr(self, name)
@@ -643,7 +644,7 @@ _ARG_TYPES = {"threads": int, "runs": int, "warmup": int, "min_seconds": float, 
 _ARG_CHOICES = {"target": ("cpu", "gpu", "edgetpu", "reference"), "api": ("interpreter", "compiled_model")}
 
 
-def parse_spec(argv=None):
+def parse_spec(argv: Optional[List[str]] = None) -> MeasureSpec:
     """The agent's command line -> MeasureSpec (argparse exits 2 with a message on bad input)."""
     p = argparse.ArgumentParser(description="Measure one model on one target; prints one JSON object "
                                             "(see the docstring of agent.py).")
@@ -679,7 +680,7 @@ def _timed_loop(session, samples, spec):
     return times, clock() - start, len(times) < spec.runs or t1 - start < spec.min_seconds
 
 
-def measure(session, samples, spec, profile_runs=20):
+def measure(session: Session, samples: list, spec: MeasureSpec, profile_runs: int = 20) -> Tuple[dict, list]:
     """The timing method: first inference, warm-up, the timed loop, statistics (and a profile)."""
     clock = time.perf_counter
     stage("first inference")
@@ -705,7 +706,7 @@ def measure(session, samples, spec, profile_runs=20):
     return res, first
 
 
-def open_timed(spec, opener, mode):
+def open_timed(spec: MeasureSpec, opener: Optional[Callable[[], Session]], mode: str) -> Tuple[Session, dict]:
     """(session, the JSON so far): the session opened and timed, memory before and after, the crash hook."""
     info = {"agent_version": AGENT_VERSION, "mode": mode, "artifact": str(spec.artifact), "format": spec.format,
             "target": spec.target, "python": platform.python_version(), "pid": os.getpid(),
@@ -726,7 +727,7 @@ def open_timed(spec, opener, mode):
     return session, info
 
 
-def collect_outputs(session, samples):
+def collect_outputs(session: Session, samples: list) -> Dict[str, np.ndarray]:
     """{output_i: dequantized outputs stacked over the samples}."""
     outs = [[] for _ in session.outputs]
     for feeds in samples:
@@ -736,7 +737,7 @@ def collect_outputs(session, samples):
             for i, (ys, t) in enumerate(zip(outs, session.outputs)) if ys}
 
 
-def run_agent(spec, opener=None):
+def run_agent(spec: MeasureSpec, opener: Optional[Callable[[], Session]] = None) -> dict:
     """Measure one artifact as ``spec`` says; ``opener()`` -> Session replaces the built-in ones (the worker)."""
     session, info = open_timed(spec, opener, "measure")
     with session:
@@ -785,7 +786,7 @@ def main_with(fn: Callable[[], dict]) -> int:
     return code
 
 
-def main(argv=None, opener_for=None):
+def main(argv: Optional[List[str]] = None, opener_for: Optional[Callable] = None) -> int:
     """The agent's command line. ``opener_for(spec)`` -> opener: edgepipe's worker measures a registered runtime."""
     spec = parse_spec(argv)
     if spec.predict_out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -22,7 +23,7 @@ except ImportError:  # a lone copy next to agent.py (a board, a temp dir)
     import agent  # type: ignore[no-redef]
 
 
-def run_predict(spec, opener=None):
+def run_predict(spec: "agent.MeasureSpec", opener: Optional[Callable] = None) -> dict:
     """Every sample of ``spec.inputs`` through the artifact; the outputs go to ``spec.predict_out``."""
     if not spec.inputs or not spec.predict_out:
         raise agent.AgentError("predict mode needs --inputs (an .npz of preprocessed samples) and --predict-out")
@@ -41,7 +42,7 @@ def run_predict(spec, opener=None):
     return info
 
 
-def main(argv=None, opener_for=None):
+def main(argv: Optional[List[str]] = None, opener_for: Optional[Callable] = None) -> int:
     spec = agent.parse_spec(argv)
     opener = opener_for(spec) if opener_for is not None else None
     return agent.main_with(lambda: run_predict(spec, opener))

@@ -20,6 +20,7 @@ import os
 import platform
 import struct
 import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def _adapter(lib, dev):
             "vendor_id": "0x%04x" % vendor, "device_id": "0x%04x" % device}
 
 
-def vulkan_adapters():
+def vulkan_adapters() -> Tuple[List[dict], Optional[str]]:
     """Vulkan physical devices through the loader (ctypes, no bindings): (list, error or None)."""
     lib = _vulkan_loader()
     if lib is None:
@@ -80,7 +81,7 @@ def vulkan_adapters():
     return out, None
 
 
-def tiny_add_model():
+def tiny_add_model() -> bytes:
     """A one-op (ADD) TFLite flatbuffer built with the schema LiteRT ships: the GPU smoke test."""
     flatbuffers = agent.need("flatbuffers", "cannot build the probe model: pip install flatbuffers")
     s = agent.need("ai_edge_litert.schema_py_generated", "this ai-edge-litert has no flatbuffer schema")
@@ -116,7 +117,8 @@ def _gpu_add(cm_mod, ha_mod, data):
             ins[0].write(a)
             ins[1].write(a)
             cm.run_by_index(0, ins, outs)
-            full, ok, err = cm.is_fully_accelerated(), bool(np.allclose(outs[0].read(16, np.float32), 2 * a.ravel())), None
+            ok = bool(np.allclose(outs[0].read(16, np.float32), 2 * a.ravel()))
+            full, err = cm.is_fully_accelerated(), None
         except Exception as e:  # noqa: BLE001 - the reason is the answer
             full, ok, err = False, False, e
     return full, ok, err, log["text"]
@@ -125,11 +127,12 @@ def _gpu_add(cm_mod, ha_mod, data):
 def _accelerator_libraries():
     mod = agent.need("ai_edge_litert", "no ai-edge-litert: pip install ai-edge-litert")
     libdir = os.path.dirname(os.path.abspath(mod.__file__))
-    return [f for f in ("libLiteRtGpuAccelerator.so", "libLiteRtWebGpuAccelerator.so", "libLiteRtMetalAccelerator.dylib",
-                        "libLiteRtOpenClAccelerator.so") if os.path.exists(os.path.join(libdir, f))]
+    names = ("libLiteRtGpuAccelerator.so", "libLiteRtWebGpuAccelerator.so", "libLiteRtMetalAccelerator.dylib",
+             "libLiteRtOpenClAccelerator.so")
+    return [f for f in names if os.path.exists(os.path.join(libdir, f))]
 
 
-def probe_gpu_tflite():
+def probe_gpu_tflite() -> Dict[str, Any]:
     out = {"runtime": "ai_edge_litert", "version": agent.dist_version("ai-edge-litert")}
     adapters, err = vulkan_adapters()
     out["vulkan_adapters"] = adapters
@@ -195,7 +198,7 @@ def _edgetpu():
     return {"available": True, "library": lib}
 
 
-def probe_target(target):
+def probe_target(target: str) -> Dict[str, Any]:
     """{format: answer} for one target (cpu, gpu, edgetpu)."""
     if target == "cpu":
         return {"tflite": _tflite_cpu(), "onnx": _onnx("cpu")}
@@ -206,7 +209,7 @@ def probe_target(target):
     return {"reason": "unknown target %s" % target}
 
 
-def probe(targets):
+def probe(targets: List[str]) -> Dict[str, Any]:
     out = {"agent_version": agent.AGENT_VERSION, "python": platform.python_version(), "system": platform.system(),
            "machine": platform.machine(), "targets": {}}
     for t in targets:
@@ -217,7 +220,7 @@ def probe(targets):
     return out
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         sys.stderr.write("usage: python probe.py cpu,gpu,edgetpu\n")

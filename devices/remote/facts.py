@@ -81,7 +81,8 @@ def parse_facts(text: str, python: str) -> dict:
              "memory_bytes": int(mem) * 1024 if mem else None,
              "versions": {"numpy": npv if _VERSION.match(npv) else None}}
     if props:
-        facts["android"] = {"manufacturer": props.get("ro.product.manufacturer"), "model": props.get("ro.product.model"),
+        facts["android"] = {"manufacturer": props.get("ro.product.manufacturer"),
+                            "model": props.get("ro.product.model"),
                             "abi": props.get("ro.product.cpu.abi"), "release": props.get("ro.build.version.release"),
                             "sdk": props.get("ro.build.version.sdk"), "soc": props.get("ro.soc.model")}
     if not _VERSION.match(pyv):

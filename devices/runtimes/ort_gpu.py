@@ -23,9 +23,10 @@ class ORTCUDA(Runtime):
 
     def available(self) -> Optional[str]:
         try:
-            return agent.cuda_reason(agent.need("onnxruntime", "onnxruntime is not installed: pip install onnxruntime-gpu"))
+            ort = agent.need("onnxruntime", "onnxruntime is not installed: pip install onnxruntime-gpu")
         except agent.Unavailable as e:
             return str(e)
+        return agent.cuda_reason(ort)
 
     def versions(self) -> dict:
         return {"onnxruntime-gpu": pkg_version("onnxruntime-gpu"), "onnxruntime": pkg_version("onnxruntime")}
