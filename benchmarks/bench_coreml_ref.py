@@ -1,4 +1,4 @@
-"""Speed of the Core ML reference interpreter (devices/coreml_ref.py) on MobileNet 224.
+"""Speed of the Core ML reference interpreter (devices/runtimes/coreml_ref/) on MobileNet 224.
 
     python benchmarks/bench_coreml_ref.py                 # convert MobileNet 224 (weights=None), fp16 mlprogram
     python benchmarks/bench_coreml_ref.py --runs 20

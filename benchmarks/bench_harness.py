@@ -104,8 +104,8 @@ from ai_edge_litert.interpreter import Interpreter
 path, threads, runs, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if path == "--tiny":
     sys.path.insert(0, sys.argv[5])
-    import agent
-    it = Interpreter(model_content=agent._tiny_add_model(), num_threads=threads)
+    import probe
+    it = Interpreter(model_content=probe.tiny_add_model(), num_threads=threads)
 else:
     it = Interpreter(model_path=path, num_threads=threads)
 it.allocate_tensors()
@@ -133,7 +133,7 @@ def run_bare(model: str, threads: int, runs: int, warmup: int) -> dict:
 
 def tiny_overhead(threads: int, runs: int, tmp: Path) -> dict:
     """Harness cost per run on a one-op model: agent timed region vs a bare invoke()."""
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import agent; open(sys.argv[2], 'wb').write(agent._tiny_add_model())"
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import probe; open(sys.argv[2], 'wb').write(probe.tiny_add_model())"
     tiny = tmp / "tiny_add.tflite"
     subprocess.run([sys.executable, "-c", code, str(AGENT.parent), str(tiny)], check=True)
     a = run_agent(tiny, threads, runs, 100, "interpreter")

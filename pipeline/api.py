@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from edgepipe.devices.measure.bench import BenchReport, BenchSettings, resolve_targets, run_bench
-from edgepipe.devices.measure.report import Comparison, compare, write_reports
-from edgepipe.devices.remote.runner import Registry, bench_devices, check_benchmark_binary, resolve_devices
+from edgepipe.devices import (BenchReport, BenchSettings, Registry, bench_devices, check_benchmark_binary, compare,
+                              parse_targets, resolve_devices, run_bench, write_reports)
+from edgepipe.devices.measure.report import Comparison
 from edgepipe.pipeline import gate, standalone
 from edgepipe.pipeline.base.errors import StageFailure
 from edgepipe.pipeline.base.evaluation import EvalResult
@@ -80,7 +80,7 @@ def bench(path: str | os.PathLike, targets: str | Sequence[str] = "cpu", *, devi
           progress: Optional[Callable] = None, log: bool = True) -> BenchReport:
     """`edgepipe bench`: measure every artifact on each target (here, or on registered devices with
     ``device``), write bench.json/.md/.html to ``results_dir(path, out)`` and return the report."""
-    settings = BenchSettings(targets=resolve_targets(targets), threads=check_threads(threads), runs=runs,
+    settings = BenchSettings(targets=parse_targets(targets), threads=check_threads(threads), runs=runs,
                              min_seconds=min_seconds, warmup=warmup, artifacts=list(artifacts) if artifacts else None,
                              profile=profile, timeout_s=timeout, inputs=str(inputs) if inputs else None).validate()
     out_dir = results_dir(path, out)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgepipe.devices.remote.runner import Registry, TransportError, make_runner
+from edgepipe.devices import Registry, TransportError, make_runner
 from edgepipe.devices.runtimes.base import runtimes_for
 from edgepipe.pipeline.base.evaluation import EvalRow
 from edgepipe.pipeline.base.manifest import Artifact

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from edgepipe.devices.remote.runner import Registry
+from edgepipe.devices import Registry
 from edgepipe.devices.runtimes.base import parse_targets
 from edgepipe.pipeline import standalone
 from edgepipe.pipeline.base.errors import UserError

@@ -80,7 +80,7 @@ def tiny_export(tmp_path_factory) -> Path:
 def reg(tmp_path, monkeypatch):
     """A private device registry (and so a private known_hosts) per test; the CLI finds it
     through $EDGEPIPE_CONFIG."""
-    from edgepipe.devices.remote.runner import Registry
+    from edgepipe.devices import Registry
 
     p = tmp_path / "cfg" / "devices.json"
     monkeypatch.setenv("EDGEPIPE_CONFIG", str(p))

@@ -19,13 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgepipe.devices import BenchReport, BenchSettings, MeasureSpec, run_bench
+from edgepipe.devices.measure.bench import command
+from edgepipe.devices.measure.plan import LocalHost, plan_row
 from edgepipe.devices.onboard import agent
-from edgepipe.devices.measure.bench import BenchReport, BenchSettings, run_bench
 from edgepipe.pipeline.cli.main import main as cli_main
 from edgepipe.pipeline.base.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-AGENT = REPO / "devices" / "onboard" / "agent.py"
+ONBOARD = REPO / "devices" / "onboard"
+AGENT = ONBOARD / "agent.py"
 FAST = dict(runs=12, min_seconds=0.05, warmup=1, threads=1)
 
 
@@ -110,7 +113,7 @@ def test_rows_that_cannot_run_say_why(cpu_report):
 
 
 def test_crashing_runtime_fails_only_its_row(tiny_export, monkeypatch):
-    # Test hook documented in devices/agent.py: the agent SIGSEGVs itself when the artifact's
+    # Test hook documented in devices/onboard/agent.py: the agent SIGSEGVs itself when the artifact's
     # file name contains EDGEPIPE_AGENT_CRASH, right after loading the model.
     monkeypatch.setenv("EDGEPIPE_AGENT_CRASH", "tiny_int8")
     rep = run_bench(tiny_export, settings=BenchSettings(targets=["cpu"], artifacts=["tflite-fp32", "tflite-int8", "onnx-fp32"],
@@ -170,8 +173,9 @@ def test_registered_runtime_measured_by_worker(tiny_export):
 
 
 # --------------------------------------------------------------------------------------------- agent
-def test_agent_is_standalone_python39():
-    src = AGENT.read_text()
+@pytest.mark.parametrize("name", ["agent.py", "probe.py", "predict.py"])
+def test_onboard_files_are_standalone_python39(name):
+    src = (ONBOARD / name).read_text()
     tree = ast.parse(src, feature_version=(3, 9))  # no 3.10+ syntax
     mods = set()
     for node in ast.walk(tree):
@@ -179,10 +183,12 @@ def test_agent_is_standalone_python39():
             mods |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             mods.add(node.module.split(".")[0])
-    allowed_third_party = {"numpy", "ai_edge_litert", "tflite_runtime", "onnxruntime", "flatbuffers"}
+    # runtime libraries are imported by name (importlib), only when a session needs one
     third_party = {m for m in mods if m not in sys.stdlib_module_names and m != "__future__"}
-    assert third_party <= allowed_third_party, third_party
+    assert third_party <= {"numpy", "agent"}, third_party  # probe/predict: the agent beside them
     assert "edgepipe" not in mods and "tensorflow" not in mods
+    assert name != "agent.py" or ("agent" not in mods and "probe" not in mods)  # the agent stands alone
+    assert len(src.splitlines()) <= 800
 
 
 def test_agent_cli_from_a_copy_outside_the_repo(tiny_export, tmp_path):
@@ -229,18 +235,53 @@ def test_median_ci_matches_binomial_tables():
 
 
 def test_measure_honours_runs_and_min_seconds():
-    class Sleepy(agent.Backend):
-        inputs = [{"name": "x", "shape": [1], "dtype": "float32"}]
+    class Doubler(agent.Session):
+        inputs = [agent.Tensor("x", [1], "float32")]
 
-        def run(self, feeds):
+        def run_native(self, feeds):
             return [feeds[0] * 2]
 
-    res, first = agent.measure(Sleepy(), [[np.ones(1, np.float32)]], runs=7, min_seconds=0.05, warmup=2)
+    res, first = agent.measure(Doubler(), [[np.ones(1, np.float32)]], MeasureSpec(runs=7, min_seconds=0.05, warmup=2))
     assert res["latency_ms"]["n"] >= 7 and res["measured_s"] >= 0.05 and len(res["warmup_ms"]) == 2
-    assert first[0][0] == 2.0
-    res, _ = agent.measure(Sleepy(), [[np.ones(1, np.float32)]], runs=10 ** 9, min_seconds=0, warmup=0,
-                           max_seconds=0.05)
+    assert first[0][0] == 2.0 and res["truncated"] is False
+    res, _ = agent.measure(Doubler(), [[np.ones(1, np.float32)]],
+                           MeasureSpec(runs=10 ** 9, min_seconds=0, warmup=0, max_seconds=0.05))
     assert res["truncated"] is True and res["latency_ms"]["n"] < 10 ** 9
+
+
+def test_measure_spec_round_trips_through_argv_and_dict():
+    spec = MeasureSpec(artifact="m.tflite", format="tflite", target="gpu", threads=3, runs=7, min_seconds=0.25,
+                       max_seconds=300.0, warmup=0, profile=True, inputs="x.npz", save_outputs="y.npz")
+    argv = spec.to_argv()
+    assert argv[:6] == ["--artifact", "m.tflite", "--format", "tflite", "--target", "gpu"]
+    assert "--profile" in argv and "--predict-out" not in argv and "--delegate" not in argv
+    assert agent.parse_spec(argv) == spec
+    assert MeasureSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    # threads travel as int | None: none given means the runtime's own default, 0 reads the same
+    bare = MeasureSpec(artifact="m.onnx", format="onnx")
+    assert "--threads" not in bare.to_argv() and agent.parse_spec(bare.to_argv()).threads is None
+    assert agent.parse_spec(bare.to_argv() + ["--threads", "0"]).threads is None
+    with pytest.raises(SystemExit):
+        agent.parse_spec(["--artifact", "m.onnx", "--format", "onnx", "--runs", "0"])
+
+
+def test_bench_settings_derive_each_rows_spec_and_command(tiny_export):
+    s = BenchSettings(targets=["cpu", "reference"], runs=9, min_seconds=0.5, warmup=2, timeout_s=40,
+                      profile=True).validate()
+    from edgepipe.pipeline.base.manifest import load_manifest
+
+    m, folder = load_manifest(tiny_export)
+    row, job = plan_row(m.artifact("tflite-int8"), "cpu", folder, LocalHost())
+    spec = job.spec(s, 2, Path("in.npz"), None)
+    assert (spec.threads, spec.runs, spec.min_seconds, spec.max_seconds, spec.warmup, spec.profile) == (
+        2, 9, 0.5, 20.0, 2, True)
+    assert (spec.format, spec.target, spec.inputs, spec.save_outputs) == ("tflite", "cpu", "in.npz", None)
+    cmd = command(job, spec)
+    assert cmd[:2] == [sys.executable, str(AGENT)] and agent.parse_spec(cmd[2:]) == spec  # one serialisation
+    row, job = plan_row(m.artifact("coreml-fp32"), "reference", folder, LocalHost())
+    cmd = command(job, job.spec(s, 1, None, None))
+    assert cmd[1:3] == ["-m", "edgepipe.devices.measure.worker"] and "--runtime" in cmd
+    assert agent.parse_spec(cmd[cmd.index("--artifact"):]).format == "coreml"
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -1,4 +1,4 @@
-"""The Core ML reference interpreter (devices/coreml_ref.py) against independent references.
+"""The Core ML reference interpreter (devices/runtimes/coreml_ref/) against independent references.
 
 Op level: MIL programs built with coremltools' Builder, converted with ``ct.convert`` and
 saved as real .mlpackage folders, then run by the interpreter and compared with TensorFlow
@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from edgepipe.devices.runtimes import coreml_ref as cr
+from edgepipe.devices.runtimes.coreml_ref import reader
 from edgepipe.pipeline.base.errors import EdgepipeError, UnsupportedArtifact, UserError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -574,11 +575,11 @@ def test_activation_quantize_dequantize(ct, mb, tmp_path):
 
 def test_subbyte_unpacking_is_lsb_first():
     # values 1, 2, 3 as uint2 -> bits (LSB first) 10 01 11 -> byte 0b00111001
-    assert cr._unpack_bits(bytes([0b00111001]), 2, 3, False).tolist() == [1, 2, 3]
+    assert reader.unpack_bits(bytes([0b00111001]), 2, 3, False).tolist() == [1, 2, 3]
     # int4: -3 (0b1101) then 5 (0b0101) -> byte 0x5D
-    assert cr._unpack_bits(bytes([0x5D]), 4, 2, True).tolist() == [-3, 5]
+    assert reader.unpack_bits(bytes([0x5D]), 4, 2, True).tolist() == [-3, 5]
     # uint6 spans bytes: 63, 1 -> bits 111111 100000 -> bytes 0b01111111, 0b00000000 (+ padding)
-    assert cr._unpack_bits(bytes([0b01111111, 0]), 6, 2, False).tolist() == [63, 1]
+    assert reader.unpack_bits(bytes([0b01111111, 0]), 6, 2, False).tolist() == [63, 1]
 
 
 # --------------------------------------------------------------------------------------

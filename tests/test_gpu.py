@@ -4,7 +4,7 @@ a GPU (.ci/system-deps.sh installs Mesa 25 for it). Correctness only: lavapipe i
 Skipped only when the GPU probe (a fresh process running a one-op model on the GPU) gives a reason,
 and the skip message says it. The in-process session is exercised in a child process: this pytest
 process has imported TensorFlow to build the artifacts, and lavapipe cannot share a process with it
-(see devices/litert_gpu.py); a test below checks that the runtime says so instead of crashing.
+(see devices/runtimes/litert_gpu.py); a test below checks that the runtime says so instead of crashing.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from edgepipe.devices import BenchSettings, run_bench
 from edgepipe.devices.measure import host
-from edgepipe.devices.measure.bench import BenchSettings, run_bench
 from edgepipe.devices.runtimes.litert_gpu import LiteRTGPU
 
 pytestmark = pytest.mark.gpu

@@ -151,7 +151,7 @@ def test_missing_postgres_database_is_one_line(pg_server, tmp_path):
 # --------------------------------------------------------------------------------------------- a real bench
 def test_real_bench_recorded_twice_then_compared_and_gated(tiny_export, tmp_path):
     """What `edgepipe bench` will do once wired: measure, write bench.json, then record it."""
-    from edgepipe.devices.measure.bench import BenchSettings, run_bench, write_reports
+    from edgepipe.devices import BenchSettings, run_bench, write_reports
     from edgepipe.pipeline.ledger import (Ledger, LedgerError, capture, compare_runs, latency_gate, record_bench,
                                           resolve_run)
 

@@ -32,9 +32,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgepipe.devices.measure.bench import BenchSettings
-from edgepipe.devices.remote.runner import Registry, bench_devices, make_device, make_runner, parse_url
-from edgepipe.devices.measure.report import render_markdown
+from edgepipe.devices import BenchSettings, Registry, bench_devices, make_device, make_runner, render_markdown
+from edgepipe.devices.remote.registry import parse_url
 from edgepipe.pipeline.base.errors import UserError
 
 FAST = dict(runs=5, min_seconds=0.05, warmup=1, threads=1)
@@ -113,9 +112,9 @@ _STANDIN = textwrap.dedent('''
         print("ERROR: Failed to apply GPU delegate.", flush=True)
         print("ERROR: Benchmarking failed.", flush=True)
         sys.exit(1)
-    from edgepipe.devices.onboard.agent import TFLiteInterpreterBackend, _random_input
+    from edgepipe.devices.onboard.agent import TFLiteSession, random_input
     t0 = time.perf_counter()
-    b = TFLiteInterpreterBackend(args["graph"], "cpu", int(args.get("num_threads", 1)))
+    b = TFLiteSession(args["graph"], "cpu", int(args.get("num_threads", 1)))
     init_us = (time.perf_counter() - t0) * 1e6
     p = b.placement()
     say("Loaded model %s" % args["graph"])
@@ -123,14 +122,14 @@ _STANDIN = textwrap.dedent('''
         "for the whole graph." % (p["ops_accelerated"], p["ops_total"], p["partitions"]))
     say("The input model file size (MB): %g" % (os.path.getsize(args["graph"]) / 1e6))
     say("Initialized session in %gms." % (init_us / 1000))
-    feeds = [_random_input(i) for i in b.inputs]
+    feeds = [random_input(i) for i in b.inputs]
     def run(n, min_secs, max_secs):
         say("Running benchmark for at least %d iterations and at least %g seconds but terminate if exceeding %g "
             "seconds." % (n, min_secs, max_secs))
         xs, start = [], time.perf_counter()
         while (len(xs) < n or time.perf_counter() - start < min_secs) and time.perf_counter() - start <= max_secs:
             t = time.perf_counter()
-            b.run(feeds)
+            b.run_native(feeds)
             xs.append(int((time.perf_counter() - t) * 1e6))
         avg = sum(xs) / len(xs)
         std = int(math.sqrt(sum((x - avg) ** 2 for x in xs) / len(xs)))

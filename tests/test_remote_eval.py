@@ -1,6 +1,6 @@
 """edgepipe eval --device: accuracy on a remote device, against the real sshd of test_remote_ssh.py.
 
-The "device" is this machine over ssh (127.0.0.1, throwaway keys), running devices/agent.py's
+The "device" is this machine over ssh (127.0.0.1, throwaway keys), running devices/onboard/predict.py's
 predict mode with the same LiteRT/onnxruntime as the local eval, so the device rows must equal
 the local rows for the same artifact. The tiny export has no source model file, so its fp32 ONNX
 artifact (converted from the source network) run by onnxruntime stands in for the source model.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.devices.remote.runner import Registry, TransportError, make_device, predict_on_device
+from edgepipe.devices import Registry, TransportError, make_device, predict_on_device
 from edgepipe.pipeline.base.evaluation import load_eval
 from edgepipe.pipeline.eval_stage import EvalRequest, evaluate
 from test_remote_ssh import free_port, needs_openssh, sshd  # noqa: F401  (the module-scoped sshd fixture)

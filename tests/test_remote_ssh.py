@@ -25,9 +25,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgepipe.devices.measure.bench import BenchSettings
-from edgepipe.devices.remote.runner import (Registry, TransportError, bench_devices, make_device, make_runner, parse_url, resolve_devices)
-from edgepipe.devices.measure.report import render_html, render_markdown, write_reports
+from edgepipe.devices import (BenchSettings, Registry, TransportError, bench_devices, make_device, make_runner,
+                              render_html, render_markdown, resolve_devices, write_reports)
+from edgepipe.devices.remote.registry import parse_url
 from edgepipe.pipeline.base.errors import UserError
 
 SSHD = "/usr/sbin/sshd"
@@ -181,6 +181,7 @@ def test_first_contact_needs_accept_new_host_key_then_strict(sshd, reg, remote_t
     dev = make_device("strict", sshd.url, key=str(sshd.key), python=sys.executable)
     with make_runner(dev, reg) as runner:
         assert runner.error is None
+        assert runner.t.copy == {"mode": "scp", "reason": None}  # OpenSSH serves SFTP: files go by scp
     # ... and a different recorded key for the same host is refused as CHANGED, even with accept-new
     other = reg.path.parent / "other_known_hosts"
     keyline = Path(str(sshd.other_key) + ".pub").read_text().split()

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from edgepipe.devices.measure.bench import BenchReport, BenchSettings, run_bench, write_reports
-from edgepipe.devices.measure.report import compare, render_html, render_markdown
+from edgepipe.devices import BenchReport, BenchSettings, compare, render_html, render_markdown, run_bench, write_reports
 from edgepipe.pipeline.cli.main import main as cli_main
 
 
@@ -35,6 +34,18 @@ def test_reports_written_and_parsed_back(report, tmp_path):
     assert d["schema_version"] == 1 and d["kind"] == "edgepipe-bench"
     assert d["host"]["cpu"]["model"] and d["settings"]["runs"] == 8
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporaries
+
+
+def test_host_line_lists_every_isa_flag(report):
+    # bench.md used to cut the list at eight, dropping avx512_vnni, which `edgepipe devices` shows
+    from edgepipe.devices.measure.host import X86_FLAGS, cpu_facts
+
+    rep = copy.deepcopy(report)
+    rep.host["cpu"]["isa"] = list(X86_FLAGS)
+    host_line = next(ln for ln in render_markdown(rep).splitlines() if ln.startswith("- **Host:**"))
+    assert all(f in host_line for f in X86_FLAGS) and "avx512_vnni" in host_line
+    here = next(ln for ln in render_markdown(report).splitlines() if ln.startswith("- **Host:**"))
+    assert all(f in here for f in cpu_facts()["isa"])
 
 
 def test_markdown_table(report):

@@ -33,7 +33,8 @@ _NUMPY_NAMES = {
 
 
 def _schema():
-    from ai_edge_litert import schema_py_generated as schema  # flatbuffer schema module
+    # lazy: the flatbuffer schema module costs ~35 ms to import, and only reading a .tflite file needs it
+    from ai_edge_litert import schema_py_generated as schema
 
     return schema
 
@@ -254,12 +255,11 @@ def _quant(schema, t) -> Optional[dict]:
     return {"scale": scale, "zero_point": zp, "quantized_dimension": int(q.QuantizedDimension())}
 
 
-def _decode(schema, buf: bytes, name: str, keep_constants: bool) -> TFLiteGraph:
-    model = schema.Model.GetRootAs(buf, 0)
-    n_buffers = model.BuffersLength()
-    buffer_size: dict[int, int] = {}
+def _buffers(model, buf: bytes, name: str, keep_constants: bool) -> tuple[dict[int, int], dict[int, bytes]]:
+    """({buffer: size in bytes}, {buffer: its bytes} when constants are kept)."""
+    sizes: dict[int, int] = {}
     constants: dict[int, bytes] = {}
-    for b in range(n_buffers):
+    for b in range(model.BuffersLength()):
         bb = model.Buffers(b)
         if bb is None:
             continue
@@ -269,75 +269,86 @@ def _decode(schema, buf: bytes, name: str, keep_constants: bool) -> TFLiteGraph:
             if keep_constants:
                 constants[b] = bb.DataAsNumpy()  # a view on buf, no copy
         elif bb.Offset() > 1 and bb.Size() > 0:  # data stored after the flatbuffer (models > 2 GiB)
-            size = int(bb.Size())
+            size, off = int(bb.Size()), int(bb.Offset())
             if keep_constants:
-                off = int(bb.Offset())
                 if off + size > len(buf):
                     raise TFLiteReadError(f"{name}: buffer {b} points past the end of the file",
                                           "Re-export the model; the file is truncated")
                 constants[b] = memoryview(buf)[off: off + size]
-        buffer_size[b] = size
+        sizes[b] = size
+    return sizes, constants
 
-    opcodes = []
+
+def _opcodes(model) -> list[tuple[int, Optional[str], int]]:
+    out = []
     for i in range(model.OperatorCodesLength()):
         oc = model.OperatorCodes(i)
-        code = max(int(oc.BuiltinCode()), int(oc.DeprecatedBuiltinCode()))
         custom = oc.CustomCode()
-        opcodes.append((code, custom.decode("utf-8", "replace") if custom is not None else None,
-                        int(oc.Version()) or 1))
-    custom_code = getattr(schema.BuiltinOperator, "CUSTOM", 32)
+        out.append((max(int(oc.BuiltinCode()), int(oc.DeprecatedBuiltinCode())),
+                    custom.decode("utf-8", "replace") if custom is not None else None, int(oc.Version()) or 1))
+    return out
 
-    subgraphs = []
-    for s in range(model.SubgraphsLength()):
-        sg = model.Subgraphs(s)
-        tensors = []
-        for ti in range(sg.TensorsLength()):
-            t = sg.Tensors(ti)
-            tname = tensor_type_name(t.Type())
-            shape = [int(x) for x in t.ShapeAsNumpy()] if not t.ShapeIsNone() else []
-            sig = [int(x) for x in t.ShapeSignatureAsNumpy()] if not t.ShapeSignatureIsNone() else list(shape)
-            b = int(t.Buffer())
-            nbytes = buffer_size.get(b, 0) if b > 0 else 0
-            tensors.append(TensorDesc(
-                index=ti, name=(t.Name() or b"").decode("utf-8", "replace"), type=tname,
-                dtype=_NUMPY_NAMES.get(tname, tname.lower()), shape=shape, shape_signature=sig, buffer=b,
-                is_constant=nbytes > 0, is_variable=bool(t.IsVariable()), nbytes=nbytes,
-                quantization=_quant(schema, t)))
-        ops = []
-        for oi in range(sg.OperatorsLength()):
-            op = sg.Operators(oi)
-            idx = int(op.OpcodeIndex())
-            if idx >= len(opcodes):
-                raise TFLiteReadError(f"{name}: operator {oi} names opcode {idx} of {len(opcodes)}",
-                                      "Re-export the model; the file is damaged")
-            code, custom, version = opcodes[idx]
-            is_custom = code == custom_code
-            opname = (custom or "CUSTOM") if is_custom else builtin_op_name(code)
-            opt_type = int(op.BuiltinOptionsType())
-            options, options_type = {}, None
-            if opt_type:
-                options_type = _enum_names("BuiltinOptions").get(opt_type)
-                options = _options_dict(schema.BuiltinOptionsCreator(opt_type, op.BuiltinOptions()))
-            else:
-                opt2 = int(op.BuiltinOptions2Type()) if hasattr(op, "BuiltinOptions2Type") else 0
-                if opt2:
-                    options_type = _enum_names("BuiltinOptions2").get(opt2)
-                    options = _options_dict(schema.BuiltinOptions2Creator(opt2, op.BuiltinOptions2()))
-            ins = [int(x) for x in op.InputsAsNumpy()] if not op.InputsIsNone() else []
-            outs = [int(x) for x in op.OutputsAsNumpy()] if not op.OutputsIsNone() else []
-            for ti in ins + outs:
-                if ti >= len(tensors):
-                    raise TFLiteReadError(f"{name}: operator {oi} names tensor {ti} of {len(tensors)}",
-                                          "Re-export the model; the file is damaged")
-            ops.append(OpDesc(index=oi, opcode=opname, builtin_code=code, version=version, inputs=ins,
-                              outputs=outs, options=options, options_type=options_type,
-                              custom_code=custom if is_custom else None))
-        sgname = sg.Name()
-        subgraphs.append(SubgraphDesc(
-            index=s, name=sgname.decode("utf-8", "replace") if sgname else "",
-            tensors=tensors, operators=ops,
-            inputs=[int(x) for x in sg.InputsAsNumpy()] if not sg.InputsIsNone() else [],
-            outputs=[int(x) for x in sg.OutputsAsNumpy()] if not sg.OutputsIsNone() else []))
+
+def _ints(obj, field: str) -> list[int]:
+    return [] if getattr(obj, f"{field}IsNone")() else [int(x) for x in getattr(obj, f"{field}AsNumpy")()]
+
+
+def _tensor(schema, t, ti: int, sizes: dict[int, int]) -> TensorDesc:
+    tname = tensor_type_name(t.Type())
+    shape = _ints(t, "Shape")
+    b = int(t.Buffer())
+    nbytes = sizes.get(b, 0) if b > 0 else 0
+    return TensorDesc(index=ti, name=(t.Name() or b"").decode("utf-8", "replace"), type=tname,
+                      dtype=_NUMPY_NAMES.get(tname, tname.lower()), shape=shape,
+                      shape_signature=list(shape) if t.ShapeSignatureIsNone() else _ints(t, "ShapeSignature"),
+                      buffer=b, is_constant=nbytes > 0, is_variable=bool(t.IsVariable()), nbytes=nbytes,
+                      quantization=_quant(schema, t))
+
+
+def _options(schema, op) -> tuple[dict, Optional[str]]:
+    """(the builtin options as a dict, their type name): BuiltinOptions, else BuiltinOptions2."""
+    opt_type = int(op.BuiltinOptionsType())
+    if opt_type:
+        return (_options_dict(schema.BuiltinOptionsCreator(opt_type, op.BuiltinOptions())),
+                _enum_names("BuiltinOptions").get(opt_type))
+    opt2 = int(op.BuiltinOptions2Type()) if hasattr(op, "BuiltinOptions2Type") else 0
+    if opt2:
+        return (_options_dict(schema.BuiltinOptions2Creator(opt2, op.BuiltinOptions2())),
+                _enum_names("BuiltinOptions2").get(opt2))
+    return {}, None
+
+
+def _operator(schema, op, oi: int, opcodes: list, n_tensors: int, name: str) -> OpDesc:
+    idx = int(op.OpcodeIndex())
+    if idx >= len(opcodes):
+        raise TFLiteReadError(f"{name}: operator {oi} names opcode {idx} of {len(opcodes)}",
+                              "Re-export the model; the file is damaged")
+    code, custom, version = opcodes[idx]
+    is_custom = code == getattr(schema.BuiltinOperator, "CUSTOM", 32)
+    ins, outs = _ints(op, "Inputs"), _ints(op, "Outputs")
+    bad = next((ti for ti in ins + outs if ti >= n_tensors), None)
+    if bad is not None:
+        raise TFLiteReadError(f"{name}: operator {oi} names tensor {bad} of {n_tensors}",
+                              "Re-export the model; the file is damaged")
+    options, options_type = _options(schema, op)
+    return OpDesc(index=oi, opcode=(custom or "CUSTOM") if is_custom else builtin_op_name(code), builtin_code=code,
+                  version=version, inputs=ins, outputs=outs, options=options, options_type=options_type,
+                  custom_code=custom if is_custom else None)
+
+
+def _subgraph(schema, sg, s: int, sizes: dict[int, int], opcodes: list, name: str) -> SubgraphDesc:
+    tensors = [_tensor(schema, sg.Tensors(ti), ti, sizes) for ti in range(sg.TensorsLength())]
+    ops = [_operator(schema, sg.Operators(oi), oi, opcodes, len(tensors), name) for oi in range(sg.OperatorsLength())]
+    sgname = sg.Name()
+    return SubgraphDesc(index=s, name=sgname.decode("utf-8", "replace") if sgname else "", tensors=tensors,
+                        operators=ops, inputs=_ints(sg, "Inputs"), outputs=_ints(sg, "Outputs"))
+
+
+def _decode(schema, buf: bytes, name: str, keep_constants: bool) -> TFLiteGraph:
+    model = schema.Model.GetRootAs(buf, 0)
+    sizes, constants = _buffers(model, buf, name, keep_constants)
+    opcodes = _opcodes(model)
+    subgraphs = [_subgraph(schema, model.Subgraphs(s), s, sizes, opcodes, name) for s in range(model.SubgraphsLength())]
     if not subgraphs:
         raise TFLiteReadError(f"{name} holds no subgraph", "Re-export the model")
     desc = model.Description()

@@ -18,7 +18,7 @@ yielding 1 partitions") and, with ``--enable_op_profiling=true``, tab-separated 
 in us: Warmup: .., Init: .., Inference: .." and "Peak memory footprint (MB): init=.. overall=..".
 
 ``parse(text)`` turns that into a ``BenchmarkModelResult``; ``row_fields(result)`` into the fields of
-a BenchRow (``devices/bench.py``), so rows measured this way sit in the same report as the agent's.
+a BenchRow (``measure/bench.py``), so rows measured this way sit in the same report as the agent's.
 The tool reports the mean, standard deviation, min and max of its runs, never a median or
 percentiles: rows from it carry the mean in the median's column, and say so in a note.
 Nothing here imports TensorFlow, or anything beyond the standard library.
@@ -235,90 +235,102 @@ def _is_error(orig: str, s: str) -> bool:
             or "failed to apply" in s.lower() or s.startswith("Error:"))
 
 
-def parse(text: str) -> BenchmarkModelResult:
-    """Everything benchmark_model printed (stdout and stderr together) -> BenchmarkModelResult."""
-    res = BenchmarkModelResult()
+def _timings(res: BenchmarkModelResult, m: re.Match) -> None:
+    p = _pairs(m.group(1))
+
+    def ms(*keys: str) -> Optional[float]:
+        k = next((k for k in keys if k in p), keys[-1])
+        return None if p.get(k) is None else p[k] / 1000.0
+
+    res.init_ms, res.first_ms = ms("init"), ms("first inference")
+    res.warmup_avg_ms, res.inference_avg_ms = ms("warmup (avg)", "warmup"), ms("inference (avg)", "inference")
+    res.complete = True
+
+
+def _memory(res: BenchmarkModelResult, m: re.Match) -> None:
+    kv = dict(_KV.findall(m.group(1)))
+    res.memory_init_mb, res.memory_overall_mb = _num(kv.get("init")), _num(kv.get("overall"))
+
+
+def _peak(res: BenchmarkModelResult, m: re.Match) -> None:
+    v = _num(m.group(1))
+    res.peak_memory_mb = v if v is not None and v > 0 else None
+
+
+def _replacing(res: BenchmarkModelResult, m: re.Match) -> None:
+    name = m.group(3)
+    res.delegates.append({"delegate": name, "accelerator": DELEGATES.get(name.lower(), name),
+                          "replaced": int(m.group(1)), "total": int(m.group(2)) if m.group(2) else None,
+                          "partitions": int(m.group(4))})
+
+
+def _explicit(res: BenchmarkModelResult, m: re.Match) -> None:
+    res.explicit.append({"delegate": m.group(1), "accelerator": DELEGATES.get(m.group(1).lower(), m.group(1)),
+                         "coverage": m.group(2), "kernels": int(m.group(3)) if m.group(3) else None})
+
+
+def _init_session(res: BenchmarkModelResult, m: re.Match) -> None:
+    if res.init_ms is None:
+        res.init_ms = _num(m.group(1))
+
+
+# one-line facts: the first pattern that matches a line says what it is
+_FACT_LINES = [
+    (_TIMINGS, _timings), (_MEMORY, _memory), (_PEAK, _peak),
+    (_VMRSS, lambda res, m: setattr(res, "vmrss_mb", _num(m.group(1)))),
+    (_REPLACING, _replacing), (_EXPLICIT, _explicit),
+    (_MODEL_SIZE, lambda res, m: setattr(res, "model_size_mb", _num(m.group(1)))),
+    (_INIT_SESSION, _init_session),
+]
+
+
+def _fact(res: BenchmarkModelResult, orig: str, s: str) -> None:
+    for rx, fn in _FACT_LINES:
+        m = rx.search(s)
+        if m:
+            fn(res, m)
+            return
+    if _is_error(orig, s):
+        res.errors.append(s[6:].strip() if s.startswith("Error:") else s)
+        return
+    m = _PARAM.match(s)
+    if m:
+        res.params[m.group(1).strip()] = m.group(2)
+
+
+def _scan(text: str, res: BenchmarkModelResult) -> tuple[list, dict]:
+    """Fill ``res`` line by line; (the run statistics with what each run asked for, the profile lines)."""
     pending_run = None  # (iterations, min secs) of the "Running benchmark" line waiting for its stats
     runs: list[tuple[RunStats, Optional[tuple]]] = []
-    prof = {"init": [], "regular": [], "any": []}
+    prof: dict[str, list[str]] = {"init": [], "regular": [], "any": []}
     phase = None
     for orig in (text or "").splitlines():
         raw = _strip(orig)
-        s = raw.strip()
-        low = s.lower()
-        if "profiling info for benchmark initialization" in low:
-            phase = "init"
-            continue
-        if "operator-wise profiling info for regular benchmark runs" in low:
-            phase = "regular"
+        s, low = raw.strip(), raw.strip().lower()
+        if "profiling info for benchmark initialization" in low or \
+                "operator-wise profiling info for regular benchmark runs" in low:
+            phase = "init" if "initialization" in low else "regular"
             continue
         if phase:
             prof[phase].append(raw)
         prof["any"].append(raw)
-        if not s:
-            continue
-        m = _RUNNING.search(s)
+        m = _RUNNING.search(s) if s else None
         if m:
             pending_run = (int(m.group(1)), _num(m.group(2)))
-            continue
-        if pending_run is not None and s.startswith(("count=", "curr=")):
+        elif pending_run is not None and s.startswith(("count=", "curr=")):
             st = parse_stats(s)
             if st is not None:
                 runs.append((st, pending_run))
                 pending_run = None
-            continue
-        m = _TIMINGS.search(s)
-        if m:
-            p = _pairs(m.group(1))
-            us = lambda k: None if p.get(k) is None else p[k] / 1000.0  # noqa: E731
-            res.init_ms = us("init")
-            res.first_ms = us("first inference")
-            res.warmup_avg_ms = us("warmup (avg)") if "warmup (avg)" in p else us("warmup")
-            res.inference_avg_ms = us("inference (avg)") if "inference (avg)" in p else us("inference")
-            res.complete = True
-            continue
-        m = _MEMORY.search(s)
-        if m:
-            kv = dict(_KV.findall(m.group(1)))
-            res.memory_init_mb, res.memory_overall_mb = _num(kv.get("init")), _num(kv.get("overall"))
-            continue
-        m = _PEAK.search(s)
-        if m:
-            v = _num(m.group(1))
-            res.peak_memory_mb = v if v is not None and v > 0 else None
-            continue
-        m = _VMRSS.search(s)
-        if m:
-            res.vmrss_mb = _num(m.group(1))
-            continue
-        m = _REPLACING.search(s)
-        if m:
-            name = m.group(3)
-            res.delegates.append({"delegate": name, "accelerator": DELEGATES.get(name.lower(), name),
-                                  "replaced": int(m.group(1)),
-                                  "total": int(m.group(2)) if m.group(2) else None,
-                                  "partitions": int(m.group(4))})
-            continue
-        m = _EXPLICIT.search(s)
-        if m:
-            res.explicit.append({"delegate": m.group(1), "accelerator": DELEGATES.get(m.group(1).lower(), m.group(1)),
-                                 "coverage": m.group(2), "kernels": int(m.group(3)) if m.group(3) else None})
-            continue
-        m = _MODEL_SIZE.search(s)
-        if m:
-            res.model_size_mb = _num(m.group(1))
-            continue
-        m = _INIT_SESSION.search(s)
-        if m:
-            if res.init_ms is None:
-                res.init_ms = _num(m.group(1))
-            continue
-        if _is_error(orig, s):
-            res.errors.append(s[6:].strip() if s.startswith("Error:") else s)
-            continue
-        m = _PARAM.match(s)
-        if m:
-            res.params[m.group(1).strip()] = m.group(2)
+        elif s:
+            _fact(res, orig, s)
+    return runs, prof
+
+
+def parse(text: str) -> BenchmarkModelResult:
+    """Everything benchmark_model printed (stdout and stderr together) -> BenchmarkModelResult."""
+    res = BenchmarkModelResult()
+    runs, prof = _scan(text, res)
     if runs:
         res.warmup = runs[0][0]
         if len(runs) >= 2:

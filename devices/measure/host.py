@@ -1,38 +1,37 @@
 """Facts about this host: CPU, memory, accelerators, runtimes, and which targets can run here.
 
-Cheap facts (CPU model, ISA flags, memory) are read in-process from /proc or platform.
-Anything that loads a native runtime or driver (LiteRT's GPU accelerator, libedgetpu) is asked
-in a fresh subprocess (``agent.py --probe TARGET``), so a crashing driver cannot take the caller
-down; the answer is cached for the life of the process. Never imports TensorFlow.
+Cheap facts (CPU model, ISA flags, memory) are read in-process from /proc or platform. Anything that
+loads a native runtime or driver (LiteRT's GPU accelerator, libedgetpu) is asked in a fresh process
+(onboard/probe.py, through runtimes.hostprobe), so a crashing driver cannot take the caller down.
+Never imports TensorFlow.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from edgepipe.pipeline.base.util import pkg_version
 
-AGENT = Path(__file__).resolve().parent.parent / "onboard" / "agent.py"
+from edgepipe.devices.runtimes.base import all_runtimes
+from edgepipe.devices.runtimes.hostprobe import agent_env, probe_target, signal_name
+
+__all__ = ["agent_env", "cpu_facts", "default_threads", "host_facts", "isa_flags", "probe_target", "signal_name",
+           "target_table"]
 
 # ISA extensions that matter for inference kernels (XNNPACK, onnxruntime's MLAS).
-_X86_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+X86_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
               "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
 # ARM /proc/cpuinfo "Features": asimd = NEON, asimddp = dot product, i8mm, fphp/asimdhp = fp16
-_ARM_FLAGS = ("neon", "asimd", "asimdhp", "fphp", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
+ARM_FLAGS = ("neon", "asimd", "asimdhp", "fphp", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
 
 _EDGETPU_USB_IDS = {("1a6e", "089a"): "Coral USB Accelerator (not yet initialised)",
                     ("18d1", "9302"): "Coral USB Accelerator"}
-
-_probe_cache: dict[str, dict] = {}
 
 
 # --------------------------------------------------------------------------------------------- CPU
@@ -50,6 +49,13 @@ def _sysctl(name: str) -> Optional[str]:
         return None
 
 
+def isa_flags(machine: Optional[str], flags: set[str]) -> list[str]:
+    """The ISA extensions that matter for inference kernels, in a fixed order (ARM: neon when asimd)."""
+    m = (machine or "").lower()
+    isa = [f for f in (ARM_FLAGS if m in ("aarch64", "arm64") or m.startswith("arm") else X86_FLAGS) if f in flags]
+    return (["neon"] if "asimd" in flags and "neon" not in isa else []) + isa
+
+
 def cpu_facts() -> dict:
     info = _cpuinfo()
     machine = platform.machine()
@@ -63,20 +69,15 @@ def cpu_facts() -> dict:
         model = _sysctl("machdep.cpu.brand_string")
     if model is None:
         model = platform.processor() or machine
-    flags: set[str] = set()
     m = re.search(r"^(flags|Features)\s*:\s*(.+)$", info, re.M)
-    if m:
-        flags = set(m.group(2).split())
+    flags = set(m.group(2).split()) if m else set()
     if sys.platform == "darwin" and machine == "arm64":
         flags |= {"neon", "asimd"}
         for feat, name in (("hw.optional.arm.FEAT_DotProd", "asimddp"), ("hw.optional.arm.FEAT_I8MM", "i8mm"),
                            ("hw.optional.arm.FEAT_FP16", "fphp"), ("hw.optional.arm.FEAT_BF16", "bf16")):
             if _sysctl(feat) == "1":
                 flags.add(name)
-    wanted = _ARM_FLAGS if machine.lower() in ("aarch64", "arm64") or machine.startswith("arm") else _X86_FLAGS
-    isa = [f for f in wanted if f in flags]
-    if "asimd" in flags and "neon" not in isa:
-        isa.insert(0, "neon")
+    isa = isa_flags(machine, flags)
     phys = set()
     cur = {}
     for line in info.splitlines() + [""]:
@@ -122,9 +123,11 @@ def memory_total_bytes() -> Optional[int]:
     return int(v) if v and v.isdigit() else None
 
 
-def default_threads() -> int:
-    """Threads used when the user names none: the usable cores, at most 4 (phones have 4 big cores)."""
-    return max(1, min(4, cpu_facts()["usable_cores"] or 1))
+def default_threads(usable_cores: Optional[int] = None) -> int:
+    """Threads used when the user names none: the usable cores (this host's, or a device's), at most 4
+    (phones have 4 big cores)."""
+    cores = usable_cores if usable_cores is not None else cpu_facts()["usable_cores"]
+    return max(1, min(4, int(cores or 1)))
 
 
 # --------------------------------------------------------------------------------------------- accelerators
@@ -189,87 +192,28 @@ def host_facts() -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------- probes
-def agent_env() -> dict:
-    """Environment for agent subprocesses: a private XDG_RUNTIME_DIR when none is set (GPU drivers want one)."""
-    env = dict(os.environ)
-    if not env.get("XDG_RUNTIME_DIR"):
-        d = Path(tempfile.gettempdir()) / f"edgepipe-xdg-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        d.mkdir(mode=0o700, exist_ok=True)
-        env["XDG_RUNTIME_DIR"] = str(d)
-    return env
-
-
-def signal_name(returncode: int) -> str:
+# --------------------------------------------------------------------------------------------- targets
+def _runtime_row(rt, probe: bool) -> dict:
+    try:  # about the host (a fresh process), not this process: see LiteRTGPU.host_available
+        why = rt.platform_reason() or rt.host_available()
+    except Exception as e:  # noqa: BLE001 - a runtime's own check must not take the listing down
+        why = f"availability check failed: {e}"
     try:
-        return signal.Signals(-returncode).name
-    except (ValueError, AttributeError):
-        return f"signal {-returncode}"
-
-
-def probe_target(target: str, timeout: float = 120.0) -> dict:
-    """What the agent says about one target here, in a fresh process (cached)."""
-    if target in _probe_cache:
-        return _probe_cache[target]
-    cmd = [sys.executable, str(AGENT), "--probe", target]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=agent_env())
-    except subprocess.TimeoutExpired:
-        res = {"reason": f"the {target} probe did not answer within {timeout:.0f} s"}
-    else:
-        if r.returncode < 0:
-            res = {"reason": f"the {target} probe crashed with {signal_name(r.returncode)} "
-                             f"(a driver or runtime fault): {_tail(r.stderr, 1)}"}
-        else:
-            try:
-                res = json.loads(r.stdout.strip().splitlines()[-1])["targets"][target]
-            except (ValueError, KeyError, IndexError):
-                res = {"reason": f"the {target} probe failed: {_tail(r.stderr, 2)}"}
-    _probe_cache[target] = res
-    return res
-
-
-def _tail(text: str, n: int) -> str:
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return " | ".join(lines[-n:]) if lines else "(no output)"
+        versions = rt.versions()
+    except Exception:  # noqa: BLE001 - versions are a nicety
+        versions = {}
+    row = {"target": rt.target, "runtime": rt.name, "formats": list(rt.formats), "available": why is None,
+           "reason": why, "versions": {k: v for k, v in versions.items() if v}}
+    if rt.target == "gpu" and rt.agent_format == "tflite" and probe:
+        p = probe_target("gpu").get("tflite", {})
+        row["details"] = {k: p[k] for k in ("vulkan_adapters", "backend", "note", "accelerator_libraries") if k in p}
+    if rt.target == "edgetpu":
+        row["details"] = {"devices": edgetpu_devices()}
+    return row
 
 
 def target_table(probe: bool = True) -> list[dict]:
-    """One row per (runtime, target) this edgepipe knows: available or the reason it is not."""
-    from edgepipe.devices.runtimes.base import all_runtimes
-
-    rows = []
-    seen = set()
-    for rt in all_runtimes():
-        seen.add((rt.target, tuple(rt.formats)))
-        try:
-            # about the host (a fresh process), not this process: see LiteRTGPU.host_available
-            why = getattr(rt, "host_available", rt.available)()
-        except Exception as e:  # a runtime's own check must not take the listing down
-            why = f"availability check failed: {e}"
-        try:
-            versions = rt.versions()
-        except Exception:
-            versions = {}
-        row = {"target": rt.target, "runtime": rt.name, "formats": list(rt.formats), "available": why is None,
-               "reason": why, "versions": {k: v for k, v in versions.items() if v}}
-        if rt.target == "gpu" and "tflite" in rt.formats and probe:
-            p = probe_target("gpu").get("tflite", {})
-            row["details"] = {k: p[k] for k in ("vulkan_adapters", "backend", "note", "accelerator_libraries")
-                              if k in p}
-        rows.append(row)
-    targets_with_rows = {(r["target"], f) for r in rows for f in r["formats"]}
-    # Seams another module fills: say why they are empty here rather than leaving a gap.
-    if not any(f == "coreml" for _, f in targets_with_rows):
-        rows.append({"target": "cpu", "runtime": "coreml", "formats": ["coreml"], "available": False,
-                     "reason": "Core ML runtime needs macOS" if sys.platform != "darwin"
-                     else "no Core ML runtime module is registered", "versions": {}})
-    if not any(t == "edgetpu" for t, _ in targets_with_rows):
-        p = probe_target("edgetpu").get("tflite", {}) if probe else {}
-        rows.append({"target": "edgetpu", "runtime": "litert-edgetpu", "formats": ["tflite"],
-                     "available": bool(p.get("available")),
-                     "reason": None if p.get("available") else p.get("reason", "not probed"),
-                     "versions": {}, "details": {"devices": edgetpu_devices()}})
+    """One row per registered (runtime, target): available, or the reason it is not."""
     order = {"cpu": 0, "gpu": 1, "edgetpu": 2, "reference": 3}
-    rows.sort(key=lambda r: (order.get(r["target"], 9), r["runtime"]))
-    return rows
+    return sorted((_runtime_row(rt, probe) for rt in all_runtimes()),
+                  key=lambda r: (order.get(r["target"], 9), r["runtime"]))

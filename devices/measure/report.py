@@ -18,10 +18,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:  # pragma: no cover
-    from edgepipe.devices.measure.bench import BenchReport, BenchRow
+from edgepipe.pipeline.base.bench import BenchReport, BenchRow
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.util import write_text_atomic
 
 TARGET_COLORS = {"cpu": "#1f77b4", "gpu": "#d62728", "edgetpu": "#2ca02c", "reference": "#9467bd"}
 STATUS_ICON = {"ok": "ok", "failed": "FAILED", "skipped": "skipped", "unavailable": "unavailable"}
@@ -67,10 +68,8 @@ class Comparison:
         return d
 
 
-def compare(old: "BenchReport", new: "BenchReport", threshold: float = 0.10) -> Comparison:
+def compare(old: BenchReport, new: BenchReport, threshold: float = 0.10) -> Comparison:
     """Ratio of medians per (artifact, target, runtime); beyond ``threshold`` (0.10 = 10 %) is flagged."""
-    from edgepipe.pipeline.base.errors import UserError
-
     if not (0 < threshold < 10):
         raise UserError(f"threshold {threshold} is out of range", "Use a fraction such as 0.1 for 10 %")
     cmp = Comparison(threshold=threshold, old_created=old.created, new_created=new.created)
@@ -144,7 +143,7 @@ def _kb_to_mb(kb: Optional[float]) -> str:
     return "-" if not kb else f"{kb / 1024:.0f}"
 
 
-def _placement_text(r: "BenchRow") -> str:
+def _placement_text(r: BenchRow) -> str:
     p = r.placement or {}
     if not p:
         return "-"
@@ -163,7 +162,7 @@ def _placement_text(r: "BenchRow") -> str:
     return str(acc or "-")
 
 
-def _agreement_text(r: "BenchRow") -> str:
+def _agreement_text(r: BenchRow) -> str:
     a = r.agreement or {}
     if "max_abs" not in a:
         return "-"
@@ -173,36 +172,36 @@ def _agreement_text(r: "BenchRow") -> str:
     return s
 
 
-def _ci_text(r: "BenchRow") -> str:
+def _ci_text(r: BenchRow) -> str:
     ci = (r.latency_ms or {}).get("ci95_p50")
     return f"{_ms(ci[0])}–{_ms(ci[1])}" if ci else "-"
 
 
-def _host_line(rep: "BenchReport") -> str:
+def _host_line(rep: BenchReport) -> str:
     h = rep.host or {}
     cpu = h.get("cpu", {})
-    isa = ", ".join(cpu.get("isa", [])[:8])
+    isa = ", ".join(cpu.get("isa", []))  # all of them: `edgepipe devices` shows the same list
     return (f"{cpu.get('model', '?')} ({cpu.get('arch', '?')}, {cpu.get('usable_cores', '?')} usable cores"
             + (f"; {isa}" if isa else "") + f"), {h.get('os', '?')}, Python {h.get('python', '?')}")
 
 
-def _versions_line(rep: "BenchReport") -> str:
+def _versions_line(rep: BenchReport) -> str:
     v = (rep.host or {}).get("versions", {})
     return ", ".join(f"{k} {val}" for k, val in v.items() if val and k != "numpy")
 
 
-def _multi_device(rep: "BenchReport") -> bool:
-    """Rows from a registered device (ssh/adb, devices/remote.py): show a Device column."""
+def _multi_device(rep: BenchReport) -> bool:
+    """Rows from a registered device (ssh/adb, devices/remote/): show a Device column."""
     return any(getattr(r, "device", "local") != "local" for r in rep.rows)
 
 
-def _where(r: "BenchRow") -> str:
+def _where(r: BenchRow) -> str:
     """'cpu', or 'cpu @ pi4' for a row measured on a registered device."""
     d = getattr(r, "device", "local")
     return r.target if d == "local" else f"{r.target} @ {d}"
 
 
-def _device_lines(rep: "BenchReport") -> list[str]:
+def _device_lines(rep: BenchReport) -> list[str]:
     """'name (url): host line' for every device of a report with remote rows."""
     if not _multi_device(rep):
         return []
@@ -216,7 +215,7 @@ def _device_lines(rep: "BenchReport") -> list[str]:
     return out
 
 
-def _sorted_rows(rep: "BenchReport") -> list["BenchRow"]:
+def _sorted_rows(rep: BenchReport) -> list[BenchRow]:
     order = {"cpu": 0, "gpu": 1, "edgetpu": 2}
     arts = []
     for r in rep.rows:
@@ -237,7 +236,7 @@ def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(rep: "BenchReport", comparison: Optional[Comparison] = None) -> str:
+def render_markdown(rep: BenchReport, comparison: Optional[Comparison] = None) -> str:
     s = rep.settings or {}
     c = rep.counts()
     out = [f"## edgepipe bench: {rep.model.get('name', '?')}", ""]
@@ -360,7 +359,7 @@ def _fmt_tick(v: float) -> str:
     return f"{v:g}"
 
 
-def svg_latency(rep: "BenchReport") -> str:
+def svg_latency(rep: BenchReport) -> str:
     """Horizontal bars: p50 per (artifact, target), whisker p50-p90, label with the figures."""
     rows = [r for r in _sorted_rows(rep) if r.ok and r.stat("p50")]
     bar_h, gap, left, right, top = 16, 6, 230, 120, 34
@@ -404,7 +403,7 @@ def svg_latency(rep: "BenchReport") -> str:
     return "\n".join(parts)
 
 
-def _artifact_sizes(rep: "BenchReport") -> list[tuple[str, int, str]]:
+def _artifact_sizes(rep: BenchReport) -> list[tuple[str, int, str]]:
     seen = {}
     for r in rep.rows:
         if r.size_bytes and r.artifact not in seen:
@@ -412,7 +411,7 @@ def _artifact_sizes(rep: "BenchReport") -> list[tuple[str, int, str]]:
     return list(seen.values())
 
 
-def svg_size(rep: "BenchReport") -> str:
+def svg_size(rep: BenchReport) -> str:
     items = _artifact_sizes(rep)
     bar_h, gap, left, right, top, width = 16, 6, 230, 90, 34, 820
     height = top + max(1, len(items)) * (bar_h + gap) + 30
@@ -438,7 +437,7 @@ def svg_size(rep: "BenchReport") -> str:
     return "\n".join(parts)
 
 
-def svg_scatter(rep: "BenchReport") -> str:
+def svg_scatter(rep: BenchReport) -> str:
     pts = [r for r in rep.rows if r.ok and r.stat("p50") and r.size_bytes]
     width, height, left, right, top, bottom = 820, 380, 70, 150, 34, 46
     parts = [f'<svg id="plot-scatter" class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" '
@@ -499,10 +498,8 @@ svg .grid{stroke:#e5e5e5;stroke-width:1}
 """
 
 
-def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> str:
-    s = rep.settings or {}
-    c = rep.counts()
-    e = _esc
+def _html_head(rep: BenchReport) -> list[str]:
+    s, c, e = rep.settings or {}, rep.counts(), _esc
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
          f"<title>edgepipe bench: {e(rep.model.get('name', '?'))}</title>", f"<style>{_CSS}</style></head><body>",
          f"<h1>edgepipe bench: {e(rep.model.get('name', '?'))}</h1>",
@@ -518,27 +515,20 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
     gpu = (rep.targets or {}).get("gpu", {}).get("tflite", {})
     if gpu.get("note"):
         h.append(f'<p class="meta"><b>GPU:</b> {e(gpu["note"])}</p>')
-    h.append("<h2>Latency</h2>")
-    h.append(svg_latency(rep))
-    h.append("<h2>Size</h2>")
-    h.append(svg_size(rep))
-    h.append("<h2>Latency against size</h2>")
-    h.append(svg_scatter(rep))
-    h.append("<h2>All rows</h2><table><thead><tr>")
-    multi = _multi_device(rep)
-    cols = (["Device"] if multi else []) + [
-        "Artifact", "Format", "Precision", "Target", "Runtime", "Status", "p50 ms", "95% CI", "p90 ms", "p99 ms",
-            "mean ± std", "Runs", "Load ms", "First ms", "Peak RSS MB", "Size MB", "Placement", "vs CPU", "Reason"]
-    h.append("".join(f"<th>{e(x)}</th>" for x in cols) + "</tr></thead><tbody>")
-    for r in _sorted_rows(rep):
-        lat = r.latency_ms or {}
-        num = lambda v: f'<td class="num">{e(v)}</td>'  # noqa: E731
-        reason = (r.reason or "") + (f" ({r.signal})" if r.signal and r.signal not in (r.reason or "") else "")
-        if r.notes:
-            reason = "; ".join([reason] + list(r.notes)) if reason else "; ".join(r.notes)
-        mean = f"{_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}" if r.ok else "-"
-        h.append(
-            f'<tr class="{e(r.status)}">{"<td>" + e(r.device) + "</td>" if multi else ""}'
+    return h
+
+
+def _html_row(r: BenchRow, multi: bool) -> str:
+    e, lat = _esc, r.latency_ms or {}
+
+    def num(v) -> str:
+        return f'<td class="num">{e(v)}</td>'
+
+    reason = (r.reason or "") + (f" ({r.signal})" if r.signal and r.signal not in (r.reason or "") else "")
+    if r.notes:
+        reason = "; ".join([reason] + list(r.notes)) if reason else "; ".join(r.notes)
+    mean = f"{_ms(lat.get('mean'))} ± {_ms(lat.get('std'))}" if r.ok else "-"
+    return (f'<tr class="{e(r.status)}">{"<td>" + e(r.device) + "</td>" if multi else ""}'
             f'<td>{e(r.artifact)}</td><td>{e(r.format)}</td><td>{e(r.precision)}</td>'
             f'<td>{e(r.target)}</td><td>{e(r.runtime)}{" " + e(r.runtime_version) if r.runtime_version else ""}</td>'
             f'<td><span class="badge b-{e(r.status)}">{e(r.status)}</span></td>'
@@ -548,41 +538,57 @@ def render_html(rep: "BenchReport", comparison: Optional[Comparison] = None) -> 
             + num(_kb_to_mb((r.memory or {}).get("peak_rss_kb"))) + num(_mb(r.size_bytes))
             + f"<td>{e(_placement_text(r) if r.ok else '-')}</td><td>{e(_agreement_text(r))}</td>"
             f"<td>{e(reason)}</td></tr>")
-    h.append("</tbody></table>")
-    prof = [r for r in _sorted_rows(rep) if r.ok and r.profile and r.profile.get("top_ops")]
-    if prof:
-        h.append("<h2>Top ops by time</h2>")
-        for r in prof:
-            h.append(f"<p><b>{e(r.artifact)} on {e(_where(r))}</b> ({e(r.profile.get('source'))}, "
-                     f"{_ms(r.profile.get('total_ms_per_run'))} ms of kernels per run)</p><table><tr><th>Op</th>"
-                     "<th>ms/run</th><th>%</th><th>Nodes</th></tr>")
-            for o in r.profile["top_ops"]:
-                h.append(f'<tr><td>{e(o["op"])}</td><td class="num">{_ms(o["ms"])}</td>'
-                         f'<td class="num">{o["pct"]:.1f}</td><td class="num">{e(o.get("nodes", ""))}</td></tr>')
-            h.append("</table>")
-    if comparison is not None:
-        h.append(f"<h2>Comparison with the previous run (flag beyond ±{comparison.threshold:.0%})</h2>")
-        h.append(f"<p>{len(comparison.regressions)} regression(s), {len(comparison.improvements)} improvement(s).</p>")
-        for n in comparison.notes:
-            h.append(f'<p class="meta">{e(n)}</p>')
-        h.append("<table><tr><th>Artifact</th><th>Target</th><th>Old p50 ms</th><th>New p50 ms</th><th>Ratio</th>"
-                 "<th>Verdict</th><th>Note</th></tr>")
-        for ch in comparison.changes:
-            cls = "reg" if ch.verdict == "regression" else "imp" if ch.verdict == "improvement" else ""
-            h.append(f"<tr><td>{e(ch.artifact)}</td><td>{e(ch.target)}</td><td class=\"num\">{_ms(ch.old_p50)}</td>"
-                     f"<td class=\"num\">{_ms(ch.new_p50)}</td><td class=\"num\">"
-                     f"{f'{ch.ratio:.3f}' if ch.ratio else '-'}</td><td class=\"{cls}\">{e(ch.verdict)}</td>"
-                     f"<td>{e(ch.note or '')}</td></tr>")
+
+
+def _html_table(rep: BenchReport) -> list[str]:
+    multi = _multi_device(rep)
+    cols = (["Device"] if multi else []) + [
+        "Artifact", "Format", "Precision", "Target", "Runtime", "Status", "p50 ms", "95% CI", "p90 ms", "p99 ms",
+        "mean ± std", "Runs", "Load ms", "First ms", "Peak RSS MB", "Size MB", "Placement", "vs CPU", "Reason"]
+    return (["<h2>All rows</h2><table><thead><tr>" + "".join(f"<th>{_esc(x)}</th>" for x in cols)
+             + "</tr></thead><tbody>"] + [_html_row(r, multi) for r in _sorted_rows(rep)] + ["</tbody></table>"])
+
+
+def _html_profiles(rep: BenchReport) -> list[str]:
+    e, h = _esc, []
+    for r in (r for r in _sorted_rows(rep) if r.ok and r.profile and r.profile.get("top_ops")):
+        h.append(f"<p><b>{e(r.artifact)} on {e(_where(r))}</b> ({e(r.profile.get('source'))}, "
+                 f"{_ms(r.profile.get('total_ms_per_run'))} ms of kernels per run)</p><table><tr><th>Op</th>"
+                 "<th>ms/run</th><th>%</th><th>Nodes</th></tr>")
+        h += [f'<tr><td>{e(o["op"])}</td><td class="num">{_ms(o["ms"])}</td><td class="num">{o["pct"]:.1f}</td>'
+              f'<td class="num">{e(o.get("nodes", ""))}</td></tr>' for o in r.profile["top_ops"]]
         h.append("</table>")
-    h.append("</body></html>")
-    return "\n".join(h)
+    return (["<h2>Top ops by time</h2>"] + h) if h else []
 
 
-def write_reports(rep: "BenchReport", out_dir: str | os.PathLike,
+def _html_comparison(cmp: Comparison) -> list[str]:
+    e = _esc
+    h = [f"<h2>Comparison with the previous run (flag beyond ±{cmp.threshold:.0%})</h2>",
+         f"<p>{len(cmp.regressions)} regression(s), {len(cmp.improvements)} improvement(s).</p>",
+         *(f'<p class="meta">{e(n)}</p>' for n in cmp.notes),
+         "<table><tr><th>Artifact</th><th>Target</th><th>Old p50 ms</th><th>New p50 ms</th><th>Ratio</th>"
+         "<th>Verdict</th><th>Note</th></tr>"]
+    for ch in cmp.changes:
+        cls = "reg" if ch.verdict == "regression" else "imp" if ch.verdict == "improvement" else ""
+        h.append(f"<tr><td>{e(ch.artifact)}</td><td>{e(ch.target)}</td><td class=\"num\">{_ms(ch.old_p50)}</td>"
+                 f"<td class=\"num\">{_ms(ch.new_p50)}</td><td class=\"num\">"
+                 f"{f'{ch.ratio:.3f}' if ch.ratio else '-'}</td><td class=\"{cls}\">{e(ch.verdict)}</td>"
+                 f"<td>{e(ch.note or '')}</td></tr>")
+    return h + ["</table>"]
+
+
+def render_html(rep: BenchReport, comparison: Optional[Comparison] = None) -> str:
+    """One self-contained page: plots, the full table, reasons, top ops, the comparison."""
+    h = _html_head(rep) + ["<h2>Latency</h2>", svg_latency(rep), "<h2>Size</h2>", svg_size(rep),
+                           "<h2>Latency against size</h2>", svg_scatter(rep)]
+    h += _html_table(rep) + _html_profiles(rep)
+    h += _html_comparison(comparison) if comparison is not None else []
+    return "\n".join(h + ["</body></html>"])
+
+
+def write_reports(rep: BenchReport, out_dir: str | os.PathLike,
                   comparison: Optional[Comparison] = None) -> dict[str, Path]:
     """bench.json, bench.md and bench.html in ``out_dir`` (each written atomically)."""
-    from edgepipe.pipeline.base.util import write_text_atomic
-
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": rep.save(d / "bench.json"),

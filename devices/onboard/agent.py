@@ -1,60 +1,51 @@
 #!/usr/bin/env python3
-"""edgepipe measurement agent: one artifact, one target, one fresh process, one JSON object.
+"""edgepipe measurement agent: one artifact, one target, one fresh process, one JSON object on stdout.
 
-This file is deliberately standalone: it imports only the standard library, NumPy and the
-runtime it measures (ai_edge_litert, or tflite_runtime on old boards, or onnxruntime), and
-keeps Python 3.9 syntax, so it can be copied to a remote board (scp/adb push) and run there:
-
-    python agent.py --artifact model.tflite --format tflite --target cpu --threads 4 \
-        --runs 100 --min-seconds 5 --warmup 10 [--inputs inputs.npz] [--profile]
-    python agent.py --probe cpu,gpu,edgetpu      # what can this host run, and why not
-
-It prints exactly one JSON object on stdout (everything the runtimes print goes to stderr, with
-``edgepipe-agent: stage NAME`` lines, so a parent whose agent died knows in which stage).
-Exit status: 0 measured, 1 error (the JSON says why), 3 target unavailable (the JSON says why);
-killed by a signal when the runtime itself crashed.
-
-The method
-  1. load + initialise the model (timed: ``load_ms``; for the GPU this includes kernel compilation)
-  2. first inference (timed separately: ``first_ms``; lazy allocations, shader compilation)
-  3. ``--warmup`` runs (timed, reported, not used in the statistics)
-  4. measured runs until BOTH ``--runs`` runs AND ``--min-seconds`` seconds are done
-     (``--max-seconds`` caps it; ``truncated`` says so). Each timed run covers writing the
-     input, running the model and reading every output back to host memory: a GPU figure
-     without the read-back measures only the enqueue, not the inference.
-     The garbage collector is off during the timed loop.
-  5. statistics: p50/p90/p99/mean/std/min/max, a distribution-free 95 % confidence interval of
-     the median (order statistics of the binomial(n, 1/2)), throughput (1 / mean, single stream)
-  6. peak resident memory of the process (getrusage ru_maxrss and /proc/self/status VmHWM) and
-     the resident memory before the model was loaded (imports only), so the model's share shows.
-  7. placement: which ops ran on the accelerator (XNNPACK/GPU/Edge TPU/CUDA) and which fell back;
-     with ``--profile`` the top ops by time where the runtime has a profiler (onnxruntime).
-
-Inputs come from ``--inputs`` (an .npz of preprocessed float samples, e.g. calibration images;
-quantized here for integer inputs) or are random in the input's dtype (full integer range for
-quantized inputs, uniform [-1, 1] for float inputs).
-
-Test-only hook: if the environment variable EDGEPIPE_AGENT_CRASH is set and the artifact's file
-name contains its value (or it is "*"), the agent kills itself with SIGSEGV right after loading
-the model. edgepipe's tests use it to check that a crashing runtime fails only its own row.
+Standalone (stdlib, NumPy, the runtime it measures; Python 3.9): copied to a board, it runs there as here
+(``python agent.py --artifact m.tflite --format tflite --target cpu --runs 100 ...``: MeasureSpec.to_argv).
+It holds the one Session abstraction (TFLiteSession, CompiledModelSession, ORTSession) and the one method:
+load (timed), first inference (timed apart), warm-up, timed runs (write inputs + run + read every output
+back, gc off) until BOTH --runs and --min-seconds are done (--max-seconds caps it: ``truncated``), a
+distribution-free 95 % CI of the median, peak RSS against the RSS before loading, op placement. Chatter goes
+to stderr with ``edgepipe-agent: stage NAME`` lines. Exit 0 measured, 1 error, 3 unavailable (the JSON says
+why), a signal when the runtime crashed. Test hook: EDGEPIPE_AGENT_CRASH="*" or a part of the artifact's
+file name makes the agent SIGSEGV itself after loading the model.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import dataclasses
 import gc
+import importlib
 import json
 import math
 import os
 import platform
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from importlib import metadata
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-AGENT_VERSION = 1
+import numpy as np
 
-_EDGETPU_LIBS = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
+AGENT_VERSION = 2
+EDGETPU_LIBS = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64",
+              "tensor(bool)": "bool"}
 
 
 class AgentError(Exception):
@@ -65,670 +56,192 @@ class Unavailable(AgentError):
     """The target cannot run on this host (missing library, driver, device)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# statistics
-# ---------------------------------------------------------------------------------------------
-def percentile(sorted_xs, q):
-    """Linear-interpolated percentile (same as numpy's default) of an ascending list."""
-    n = len(sorted_xs)
-    if n == 0:
-        return float("nan")
-    k = (n - 1) * q / 100.0
-    f = int(math.floor(k))
-    c = min(f + 1, n - 1)
-    return sorted_xs[f] + (k - f) * (sorted_xs[c] - sorted_xs[f])
-
-
 def _binom_half_pmf_table(n):
     """P(X = i) for X ~ Binomial(n, 1/2), i = 0..n//2 (exact for n <= 3000, else log-space)."""
     if n <= 3000:
-        denom = 2 ** n  # int / int true division stays exact for big n
-        out, c = [], 1
-        for i in range(n // 2 + 1):
-            out.append(c / denom)
-            c = c * (n - i) // (i + 1)
-        return out
+        denom = 2 ** n
+        return [math.comb(n, i) / denom for i in range(n // 2 + 1)]  # int / int true division stays exact
     lg = math.lgamma
     return [math.exp(lg(n + 1) - lg(i + 1) - lg(n - i + 1) - n * math.log(2.0)) for i in range(n // 2 + 1)]
 
 
-def median_ci(sorted_xs, confidence=0.95):
-    """Distribution-free CI of the median: (lo, hi, achieved coverage).
-
-    The interval [x_(l), x_(n-l+1)] (1-based ranks) covers the population median with
-    probability 1 - 2 P(Bin(n, 1/2) <= l - 1); l is the largest rank keeping that >= confidence.
-    With fewer than 6 samples no 95 % interval exists: [min, max] and its coverage.
-    """
+def median_ci(sorted_xs: List[float], confidence: float = 0.95) -> Optional[Tuple[float, float, float]]:
+    """Distribution-free CI of the median (lo, hi, coverage): [x_(l), x_(n-l+1)] covers it with probability
+    1 - 2 P(Bin(n, 1/2) <= l - 1), l the largest rank keeping that >= confidence (n < 6: [min, max])."""
     n = len(sorted_xs)
     if n == 0:
         return None
-    alpha = 1.0 - confidence
     pmf = _binom_half_pmf_table(n)
     lo_rank, cdf = 1, 0.0
     for rank in range(1, n // 2 + 1):
         cdf += pmf[rank - 1]  # P(X <= rank - 1)
-        if 2.0 * cdf <= alpha:
-            lo_rank = rank
-        else:
+        if 2.0 * cdf > 1.0 - confidence:
             break
-    hi_rank = n - lo_rank + 1
-    cov = max(0.0, 1.0 - 2.0 * sum(pmf[:lo_rank]))
-    return sorted_xs[lo_rank - 1], sorted_xs[hi_rank - 1], cov
+        lo_rank = rank
+    return sorted_xs[lo_rank - 1], sorted_xs[n - lo_rank], max(0.0, 1.0 - 2.0 * sum(pmf[:lo_rank]))
 
 
-def summarize(samples_ms):
+def summarize(samples_ms: List[float]) -> Dict[str, Any]:
+    """n, p50/p90/p99 (linear interpolation), mean, std, min, max, cv, the median's 95 % CI and its coverage."""
     xs = sorted(samples_ms)
-    n = len(xs)
-    if n == 0:
+    if not xs:
         return {"n": 0}
-    mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
-    std = math.sqrt(var)
-    ci = median_ci(xs)
-    return {
-        "n": n,
-        "p50": percentile(xs, 50),
-        "p90": percentile(xs, 90),
-        "p99": percentile(xs, 99),
-        "mean": mean,
-        "std": std,
-        "min": xs[0],
-        "max": xs[-1],
-        "cv": std / mean if mean > 0 else None,
-        "ci95_p50": [ci[0], ci[1]],
-        "ci_coverage": round(ci[2], 4),
-    }
+    a, (lo, hi, cov) = np.asarray(xs, np.float64), median_ci(xs)
+    mean, std = float(a.mean()), float(a.std(ddof=1)) if len(xs) > 1 else 0.0
+    p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
+    return {"n": len(xs), "p50": p50, "p90": p90, "p99": p99, "mean": mean, "std": std, "min": xs[0], "max": xs[-1],
+            "cv": std / mean if mean > 0 else None, "ci95_p50": [lo, hi], "ci_coverage": round(cov, 4)}
 
 
-# ---------------------------------------------------------------------------------------------
-# memory
-# ---------------------------------------------------------------------------------------------
-def _proc_status():
-    out = {}
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                k, _, v = line.partition(":")
-                if k in ("VmHWM", "VmRSS", "VmPeak"):
-                    out[k] = int(v.split()[0])  # kB
-    except OSError:
-        pass
-    return out
-
-
-def memory_now():
-    """Resident memory so far. On Linux prefer VmHWM: ru_maxrss survives execve, so a process started
-    by a large parent reports the parent's peak until it exceeds it."""
+def memory_now() -> Dict[str, int]:
+    """Resident memory so far (VmHWM: ru_maxrss survives execve, so a child reports its parent's peak)."""
     m = {}
-    try:
-        import resource
-
+    if resource is not None:
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        # Linux reports kB, macOS bytes
-        m["ru_maxrss_kb"] = int(r // 1024) if sys.platform == "darwin" else int(r)
-    except Exception:  # pragma: no cover - Windows
-        pass
-    st = _proc_status()
-    if "VmHWM" in st:
-        m["vmhwm_kb"] = st["VmHWM"]
-    if "VmRSS" in st:
-        m["vmrss_kb"] = st["VmRSS"]
+        m["ru_maxrss_kb"] = int(r // 1024) if sys.platform == "darwin" else int(r)  # macOS reports bytes
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as fh:
+            pairs = [ln.partition(":") for ln in fh]
+        m.update({k.lower() + "_kb": int(v.split()[0]) for k, _, v in pairs if k in ("VmHWM", "VmRSS")})
     return m
 
 
-# ---------------------------------------------------------------------------------------------
-# stderr capture (native runtimes log placement facts there)
-# ---------------------------------------------------------------------------------------------
-class CaptureStderr:
-    """Tee fd 2 (native runtimes log there) into ``text`` while still passing it through.
-
-    A ``tee`` child process copies the pipe to the real stderr as bytes arrive, so if the runtime
-    kills this process (a delegate crash) the parent still sees what was logged; a Python thread
-    would not do: native calls hold the GIL. Without ``tee`` the log goes to a file, echoed after.
-    """
-
-    def __enter__(self):
-        import shutil
-        import subprocess
-
+@contextlib.contextmanager
+def capture_stderr() -> Iterator[Dict[str, str]]:
+    """Tee fd 2 (native runtimes log there) into ``log["text"]``: a ``tee`` child passes it on as it arrives,
+    so the parent sees it even when the runtime kills this process (a thread would not: native calls hold the GIL)."""
+    sys.stderr.flush()
+    fd, name = tempfile.mkstemp(prefix="edgepipe-agent-log-")
+    os.close(fd)
+    saved, log, tee = os.dup(2), {"text": ""}, None
+    try:
+        tee = subprocess.Popen([shutil.which("tee") or "tee", name], stdin=subprocess.PIPE, stdout=saved,
+                               stderr=subprocess.DEVNULL)
+        os.dup2(tee.stdin.fileno(), 2)
+    except OSError:
+        pass
+    try:
+        yield log
+    finally:
         sys.stderr.flush()
-        self._saved = os.dup(2)
-        self._file = tempfile.NamedTemporaryFile(prefix="edgepipe-agent-log-", delete=False)
-        self._file.close()
-        tee = shutil.which("tee")
-        self._tee = None
-        if tee:
-            try:
-                self._tee = subprocess.Popen([tee, self._file.name], stdin=subprocess.PIPE, stdout=self._saved,
-                                             stderr=subprocess.DEVNULL)
-                os.dup2(self._tee.stdin.fileno(), 2)
-            except OSError:
-                self._tee = None
-        if self._tee is None:
-            self._fh = open(self._file.name, "wb")
-            os.dup2(self._fh.fileno(), 2)
-        self.text = ""
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            sys.stderr.flush()
-        except Exception:
-            pass
-        os.dup2(self._saved, 2)
-        if self._tee is not None:
-            self._tee.stdin.close()
-            try:
-                self._tee.wait(timeout=10)
-            except Exception:
-                self._tee.kill()
-        else:
-            self._fh.close()
-        try:
-            with open(self._file.name, "rb") as fh:
-                self.text = fh.read().decode("utf-8", "replace")
-            os.remove(self._file.name)
-        except OSError:
-            pass
-        if self._tee is None and self.text:
-            os.write(self._saved, self.text.encode())
-        os.close(self._saved)
-        return False
+        os.dup2(saved, 2)
+        os.close(saved)
+        if tee is not None:
+            tee.stdin.close()
+            tee.wait(timeout=10)
+        with open(name, "rb") as fh:
+            log["text"] = fh.read().decode("utf-8", "replace")
+        os.remove(name)
 
 
-def stage(name):
+def stage(name: str) -> None:
     """Mark progress on stderr: if the process dies, the parent knows in which stage."""
-    try:
-        sys.stderr.write("edgepipe-agent: stage %s\n" % name)
-        sys.stderr.flush()
-    except Exception:
-        pass
+    sys.stderr.write("edgepipe-agent: stage %s\n" % name)
+    sys.stderr.flush()
 
 
-# ---------------------------------------------------------------------------------------------
-# runtimes
-# ---------------------------------------------------------------------------------------------
-def import_tflite():
-    """(module name, interpreter module). ai_edge_litert first; tflite_runtime on old boards."""
-    try:
-        from ai_edge_litert import interpreter as mod  # type: ignore
-
-        return "ai_edge_litert", mod
-    except Exception:
-        pass
-    try:
-        from tflite_runtime import interpreter as mod  # type: ignore
-
-        return "tflite_runtime", mod
-    except Exception:
-        raise Unavailable("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime on old boards)")
-
-
-def dist_version(*names):
-    try:
-        from importlib import metadata
-    except ImportError:  # pragma: no cover
-        return None
-    for n in names:
-        try:
-            return metadata.version(n)
-        except Exception:
-            continue
-    return None
-
-
-def _np_dtype(d):
-    import numpy as np
-
-    if isinstance(d, str):
-        return np.dtype(d)
-    return np.dtype(d)
-
-
-class Backend:
-    """A loaded model. ``inputs``/``outputs``: list of dicts (name, shape, dtype, scale, zero_point)."""
-
-    runtime = ""
-    version = None
-    api = ""
-    inputs = ()
-    outputs = ()
-
-    def run(self, feeds):
-        """Write inputs, run, read every output back to host memory. Returns a list of arrays."""
-        raise NotImplementedError
-
-    def placement(self):
-        return {}
-
-    def profile(self, feeds, runs):
-        return None
-
-    def close(self):
-        pass
-
-
-def _tflite_details(d):
-    q = d.get("quantization_parameters") or {}
-    import numpy as np
-
-    scales = [float(s) for s in np.asarray(q.get("scales", [])).ravel()]
-    zps = [int(z) for z in np.asarray(q.get("zero_points", [])).ravel()]
-    sig = d.get("shape_signature")
-    shape = [int(s) for s in (sig if sig is not None and len(sig) else d["shape"])]
-    return {"name": d["name"], "index": int(d["index"]), "shape": shape,
-            "dtype": np.dtype(d["dtype"]).name, "scale": scales, "zero_point": zps}
-
-
-class TFLiteInterpreterBackend(Backend):
-    """LiteRT / tflite_runtime Interpreter: XNNPACK on cpu, libedgetpu delegate on edgetpu."""
-
-    api = "interpreter"
-
-    def __init__(self, path, target, threads, delegate_lib=None):
-        self.runtime, mod = import_tflite()
-        self.version = dist_version("ai-edge-litert" if self.runtime == "ai_edge_litert" else "tflite-runtime")
-        self.target = target
-        kw = {}
-        if threads:
-            kw["num_threads"] = int(threads)
-        self.delegate = None
-        if target == "edgetpu":
-            with open(path, "rb") as fh:
-                if b"edgetpu-custom-op" not in fh.read():
-                    raise AgentError("not compiled for the Edge TPU (no edgetpu-custom-op): "
-                                     "run edgetpu_compiler on a full-int8 artifact")
-            lib = delegate_lib or _EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")
-            try:
-                self.delegate = mod.load_delegate(lib)
-            except Exception as e:
-                raise Unavailable("Edge TPU delegate %s could not be loaded (install libedgetpu1-std and "
-                                  "plug in the Edge TPU): %s" % (lib, _one_line(e)))
-            kw["experimental_delegates"] = [self.delegate]
-        self.it = mod.Interpreter(model_path=str(path), **kw)
-        self.it.allocate_tensors()
-        self._in = self.it.get_input_details()
-        self._out = self.it.get_output_details()
-        self.inputs = [_tflite_details(d) for d in self._in]
-        self.outputs = [_tflite_details(d) for d in self._out]
-
-    def run(self, feeds):
-        it = self.it
-        for d, x in zip(self._in, feeds):
-            it.set_tensor(d["index"], x)
-        it.invoke()
-        return [it.get_tensor(d["index"]) for d in self._out]  # get_tensor copies
-
-    def placement(self):
-        """Which nodes the delegate (XNNPACK on cpu, Edge TPU) took, from the node list.
-
-        After delegation the node list holds the original ops plus one DELEGATE node per
-        partition; a partition's ops are those between its boundary tensors.
-        """
-        try:
-            ops = self.it._get_ops_details()
-        except Exception as e:
-            return {"error": "op list unavailable: %s" % _one_line(e)}
-        originals = [o for o in ops if o["op_name"] != "DELEGATE"]
-        delegates = [o for o in ops if o["op_name"] == "DELEGATE"]
-        if self.target == "edgetpu":
-            # the compiled model holds custom ops; everything else runs on the CPU
-            on = [o for o in originals if "edgetpu" in o["op_name"].lower()]
-            off = [o for o in originals if "edgetpu" not in o["op_name"].lower()]
-            acc = "edgetpu"
-        else:
-            producer = {}
-            for o in originals:
-                for t in o["outputs"]:
-                    producer[int(t)] = o
-            taken = set()
-            for dnode in (o for o in ops if o["op_name"] == "DELEGATE"):
-                boundary = set(int(t) for t in dnode["inputs"])
-                stack = [int(t) for t in dnode["outputs"]]
-                seen = set()
-                while stack:
-                    t = stack.pop()
-                    if t in seen or t in boundary:
-                        continue
-                    seen.add(t)
-                    p = producer.get(t)
-                    if p is None or p["index"] in taken:
-                        continue
-                    taken.add(p["index"])
-                    stack.extend(int(x) for x in p["inputs"] if int(x) >= 0)
-            on = [o for o in originals if o["index"] in taken]
-            off = [o for o in originals if o["index"] not in taken]
-            acc = "xnnpack"
-        return {
-            "accelerator": acc,
-            "ops_total": len(originals),
-            "ops_accelerated": len(on),
-            "ops_fallback": len(off),
-            "fully_accelerated": len(off) == 0 and len(originals) > 0,
-            "fallback_ops": _histogram(o["op_name"] for o in off),
-            "op_histogram": _histogram(o["op_name"] for o in originals),
-            "partitions": len(delegates),
-        }
-
-    def close(self):
-        self.it = None
-        self.delegate = None
-
-
-def _histogram(names):
-    h = {}
-    for n in names:
-        h[n] = h.get(n, 0) + 1
-    return dict(sorted(h.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _check_static_shapes(path):
-    """The GPU accelerator needs static shapes; say so before it fails cryptically."""
-    try:
-        _, mod = import_tflite()
-        it = mod.Interpreter(model_path=str(path))
-        for d in it.get_input_details():
-            sig = d.get("shape_signature")
-            if sig is not None and any(int(s) < 0 for s in sig):
-                return ("input '%s' has a dynamic shape %s: the GPU accelerator needs static shapes; "
-                        "re-export with a static batch of 1" % (d["name"], [int(s) for s in sig]))
-    except Exception:
-        return None
-    return None
-
-
-def _parse_gpu_log(text):
-    """Facts from the GPU delegate's log: op counts on GPU/CPU and unsupported ops."""
-    import re
-
-    out = {}
-    m = re.search(r"(\d+) operations will run on the GPU, and the remaining (\d+) operations? will run on the CPU",
-                  text)
-    if m:
-        out["ops_accelerated"] = int(m.group(1))
-        out["ops_fallback"] = int(m.group(2))
-    unsupported = {}
-    block = re.search(r"Following operations are not supported by GPU delegate:\n((?:.+\n)+?)\d+ operations", text)
-    if block:
-        for line in block.group(1).splitlines():
-            op, _, why = line.partition(":")
-            if op.strip():
-                unsupported[op.strip()] = why.strip()
-    if unsupported:
-        out["fallback_ops"] = unsupported
-    for name in ("WebGPU", "OpenCL", "Metal", "Vulkan"):
-        if ("Created a %s environment" % name) in text or ("%s environment" % name) in text:
-            out.setdefault("backend", name.lower())
-    return out
-
-
-class LiteRTCompiledBackend(Backend):
-    """ai_edge_litert CompiledModel (GPU accelerator with CPU fallback, or XNNPACK CPU)."""
-
-    api = "compiled_model"
-
-    def __init__(self, path, target, threads):
-        try:
-            from ai_edge_litert.compiled_model import CompiledModel  # type: ignore
-            from ai_edge_litert.hardware_accelerator import HardwareAccelerator  # type: ignore
-            from ai_edge_litert.options import CpuOptions, Options  # type: ignore
-        except Exception as e:
-            raise Unavailable("LiteRT CompiledModel API missing: pip install ai-edge-litert>=2 (%s)" % _one_line(e))
-        self.runtime = "ai_edge_litert"
-        self.version = dist_version("ai-edge-litert")
-        self.target = target
-        if target == "gpu":
-            why = _check_static_shapes(path)
-            if why:
-                raise AgentError(why)
-            accel = HardwareAccelerator.GPU | HardwareAccelerator.CPU
-        else:
-            accel = HardwareAccelerator.CPU
-        opts = Options(hardware_accelerators=accel, cpu_options=CpuOptions(num_threads=int(threads or 0)))
-        with CaptureStderr() as cap:
-            try:
-                self.cm = CompiledModel.from_file(str(path), options=opts)
-                err = None
-            except Exception as e:  # noqa: BLE001
-                err = e
-        self.log = cap.text
-        if err is not None:
-            msg = _one_line(err)
-            if "modify graph with delegate" in msg.lower():
-                why = _check_static_shapes(path)
-                raise AgentError(why or ("the GPU accelerator rejected the model (%s); artifacts for the GPU need "
-                                         "static shapes with a batch of 1" % msg))
-            raise AgentError("LiteRT could not compile the model for %s: %s" % (target, msg))
-        sigs = self.cm.get_signature_list()
-        self.sig = list(sigs)[0]
-        ind = self.cm.get_input_tensor_details(self.sig)
-        outd = self.cm.get_output_tensor_details(self.sig)
-        self.inputs = [self._info(n, ind[n]) for n in sigs[self.sig]["inputs"]]
-        self.outputs = [self._info(n, outd[n]) for n in sigs[self.sig]["outputs"]]
-        self._quant_from_interpreter(path)
-        self.in_bufs = self.cm.create_input_buffers(0)
-        self.out_bufs = self.cm.create_output_buffers(0)
-        self._out_spec = [(int(_prod(o["shape"])), _np_dtype(o["dtype"]), tuple(o["shape"])) for o in self.outputs]
-
-    @staticmethod
-    def _info(name, d):
-        return {"name": name, "shape": [int(s) for s in d["shape"]], "dtype": str(d["dtype"]),
-                "scale": [], "zero_point": []}
-
-    def _quant_from_interpreter(self, path):
-        # CompiledModel does not expose quantization parameters; the flatbuffer is the same.
-        try:
-            _, mod = import_tflite()
-            it = mod.Interpreter(model_path=str(path))
-            by_name = {}
-            for d in list(it.get_input_details()) + list(it.get_output_details()):
-                by_name[d["name"]] = _tflite_details(d)
-            ins = [_tflite_details(d) for d in it.get_input_details()]
-            outs = [_tflite_details(d) for d in it.get_output_details()]
-            for mine, theirs in ((self.inputs, ins), (self.outputs, outs)):
-                if len(mine) == len(theirs):
-                    for a, b in zip(mine, theirs):
-                        a["scale"], a["zero_point"] = b["scale"], b["zero_point"]
-        except Exception:
-            pass
-
-    def run(self, feeds):
-        for buf, x in zip(self.in_bufs, feeds):
-            buf.write(x)
-        self.cm.run_by_index(0, self.in_bufs, self.out_bufs)
-        # the read-back waits for the accelerator: without it the time is the enqueue only
-        return [buf.read(n, dt).reshape(shape) for buf, (n, dt, shape) in zip(self.out_bufs, self._out_spec)]
-
-    def placement(self):
-        facts = _parse_gpu_log(self.log) if self.target == "gpu" else {}
-        full = bool(self.cm.is_fully_accelerated())
-        facts.update({"accelerator": "gpu" if self.target == "gpu" else "xnnpack", "fully_accelerated": full})
-        if full and "ops_fallback" not in facts:
-            facts["ops_fallback"] = 0
-        return facts
-
-    def close(self):
-        self.in_bufs = self.out_bufs = None
-        self.cm = None
-
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32",
-              "tensor(int64)": "int64", "tensor(bool)": "bool"}
-
-
-class ORTBackend(Backend):
-    api = "inference_session"
-
-    def __init__(self, path, target, threads, profile_dir=None):
-        try:
-            import onnxruntime as ort  # type: ignore
-        except Exception as e:
-            raise Unavailable("onnxruntime is not installed: pip install onnxruntime (%s)" % _one_line(e))
-        self.ort = ort
-        self.runtime = "onnxruntime"
-        self.version = getattr(ort, "__version__", None)
-        self.target = target
-        self.path = str(path)
-        self.threads = threads
-        if target == "gpu":
-            have = ort.get_available_providers()
-            if "CUDAExecutionProvider" not in have:
-                raise Unavailable("onnxruntime has no CUDAExecutionProvider (providers: %s): install onnxruntime-gpu "
-                                  "with CUDA and cuDNN" % ", ".join(have))
-            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif target == "cpu":
-            self.providers = ["CPUExecutionProvider"]
-        else:
-            raise Unavailable("onnxruntime does not run on %s" % target)
-        self.sess = self._session(profile_prefix=None)
-        got = self.sess.get_providers()
-        if target == "gpu" and "CUDAExecutionProvider" not in got:
-            raise Unavailable("CUDAExecutionProvider failed to initialise (session providers: %s): check the CUDA "
-                              "and cuDNN libraries" % ", ".join(got))
-        self.session_providers = got
-        self.inputs = [self._info(x) for x in self.sess.get_inputs()]
-        self.outputs = [self._info(x) for x in self.sess.get_outputs()]
-        self._names = [x["name"] for x in self.inputs]
-
-    def _session(self, profile_prefix):
-        ort = self.ort
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = int(self.threads)
-            so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if profile_prefix:
-            so.enable_profiling = True
-            so.profile_file_prefix = profile_prefix
-        return ort.InferenceSession(self.path, sess_options=so, providers=self.providers)
-
-    @staticmethod
-    def _info(x):
-        shape = [d if isinstance(d, int) else -1 for d in x.shape]
-        return {"name": x.name, "shape": shape, "dtype": _ORT_TYPES.get(x.type, x.type), "scale": [], "zero_point": []}
-
-    def run(self, feeds):
-        return self.sess.run(None, dict(zip(self._names, feeds)))
-
-    def placement(self):
-        if self.target == "cpu":
-            return {"accelerator": None, "providers": self.session_providers}
-        prof = self.profile(None, 5)  # providers per node come from the profiler
-        out = {"accelerator": "cuda", "providers": self.session_providers}
-        if prof:
-            out.update({k: prof[k] for k in ("ops_total", "ops_accelerated", "ops_fallback", "fallback_ops",
-                                             "fully_accelerated") if k in prof})
-        return out
-
-    def profile(self, feeds, runs):
-        """A separate profiled session (profiling slows every node): top ops and provider per node."""
-        d = tempfile.mkdtemp(prefix="edgepipe-ortprof-")
-        sess = self._session(profile_prefix=os.path.join(d, "ort"))
-        if feeds is None:
-            feeds = [_random_input(x) for x in self.inputs]
-        names = [x.name for x in sess.get_inputs()]
-        skip = 3  # the first runs of a fresh session allocate; they are not the steady state
-        for _ in range(skip + max(1, runs)):
-            sess.run(None, dict(zip(names, feeds)))
-        fn = sess.end_profiling()
-        try:
-            with open(fn) as fh:
-                events = json.load(fh)
-        finally:
-            try:
-                os.remove(fn)
-                os.rmdir(d)
-            except OSError:
-                pass
-        return parse_ort_profile(events, runs=max(1, runs), skip_runs=skip, accelerated_provider=(
-            "CUDAExecutionProvider" if self.target == "gpu" else None))
-
-    def close(self):
-        self.sess = None
-
-
-def parse_ort_profile(events, runs=1, accelerated_provider=None, top=10, skip_runs=0):
-    """onnxruntime profiler JSON -> top ops by time, time per op type, provider per node.
-
-    Node events of the first ``skip_runs`` runs (``model_run`` session events) are ignored.
-    """
-    start_ts = None
-    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                        key=lambda e: e.get("ts", 0))
-    if skip_runs and len(model_runs) > skip_runs:
-        last = model_runs[skip_runs - 1]
-        start_ts = last.get("ts", 0) + last.get("dur", 0)
-    nodes = {}
-    by_type = {}
-    total = 0.0
-    for e in events:
-        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-            continue
-        if start_ts is not None and e.get("ts", 0) < start_ts:
-            continue
-        a = e.get("args") or {}
-        name = e["name"][: -len("_kernel_time")]
-        us = float(e.get("dur", 0))
-        total += us
-        n = nodes.setdefault(name, {"node": name, "op": a.get("op_name"), "provider": a.get("provider"), "us": 0.0,
-                                    "calls": 0})
-        n["us"] += us
-        n["calls"] += 1
-        t = by_type.setdefault(a.get("op_name") or "?", {"op": a.get("op_name") or "?", "us": 0.0, "nodes": set()})
-        t["us"] += us
-        t["nodes"].add(name)
-    if not nodes:
-        return None
-    top_nodes = sorted(nodes.values(), key=lambda n: -n["us"])[:top]
-    types = sorted(by_type.values(), key=lambda t: -t["us"])
-    prov = {}
-    for n in nodes.values():
-        prov[n["provider"]] = prov.get(n["provider"], 0) + 1
-    out = {
-        "source": "onnxruntime profiler",
-        "runs": runs,
-        "total_ms_per_run": total / 1000.0 / runs,
-        "top_ops": [{"op": t["op"], "ms": t["us"] / 1000.0 / runs, "pct": 100.0 * t["us"] / total if total else 0.0,
-                     "nodes": len(t["nodes"])} for t in types[:top]],
-        "top_nodes": [{"node": n["node"], "op": n["op"], "provider": n["provider"],
-                       "ms": n["us"] / 1000.0 / runs, "pct": 100.0 * n["us"] / total if total else 0.0}
-                      for n in top_nodes],
-        "providers": prov,
-        "ops_total": len(nodes),
-    }
-    if accelerated_provider:
-        off = [n for n in nodes.values() if n["provider"] != accelerated_provider]
-        out["ops_accelerated"] = len(nodes) - len(off)
-        out["ops_fallback"] = len(off)
-        out["fallback_ops"] = _histogram(n["op"] or "?" for n in off)
-        out["fully_accelerated"] = len(off) == 0
-    return out
-
-
-def _prod(xs):
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
-
-
-def _one_line(e):
-    s = str(e).strip().replace("\n", " ")
-    s = " ".join(s.split())
+def one_line(e: object) -> str:
+    s = " ".join(str(e).split())
     return (s[:400] + "...") if len(s) > 400 else s
 
 
-# ---------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------
-def _random_input(info, rng=None):
-    import numpy as np
+def dist_version(*names: str) -> Optional[str]:
+    for n in names:
+        try:
+            return metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
 
+
+def histogram(names: Iterable[str]) -> Dict[str, int]:
+    return dict(sorted(collections.Counter(names).items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def import_tflite() -> Tuple[str, Any]:
+    """(module name, interpreter module). ai_edge_litert first; tflite_runtime on old boards."""
+    for name in ("ai_edge_litert", "tflite_runtime"):
+        try:
+            return name, importlib.import_module(name + ".interpreter")
+        except Exception:  # ImportError, or a broken native library
+            continue
+    raise Unavailable("no TFLite runtime: pip install ai-edge-litert (or tflite-runtime on old boards)")
+
+
+def need(module: str, hint: str) -> Any:
+    """Import a runtime module, or say what to install (Unavailable)."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken native library
+        raise Unavailable("%s (%s)" % (hint, one_line(e)))
+
+
+def cuda_reason(ort: Any) -> Optional[str]:
+    have = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in have:
+        return "onnxruntime has no CUDAExecutionProvider (providers: %s): install onnxruntime-gpu with CUDA and " \
+               "cuDNN" % ", ".join(have)
+
+
+class Tensor:
+    """An input or output, duck-compatible with edgepipe's manifest TensorInfo (quantization: scale/zero_point)."""
+
+    __slots__ = ("name", "shape", "dtype", "scale", "zero_point")
+
+    def __init__(self, name: str, shape: Sequence[int], dtype: Any, scale: Sequence[float] = (),
+                 zero_point: Sequence[int] = ()):
+        self.name, self.shape, self.dtype = str(name), [int(s) for s in shape], np.dtype(dtype).name
+        self.scale, self.zero_point = list(scale), list(zero_point)
+
+    @property
+    def quantization(self) -> Optional[Dict[str, list]]:
+        return {"scale": self.scale, "zero_point": self.zero_point} if self.scale else None
+
+    @classmethod
+    def from_tflite(cls, d: dict) -> "Tensor":
+        """From an Interpreter's tensor details (shape_signature: -1 for dynamic dimensions)."""
+        q, sig = d.get("quantization_parameters") or {}, d.get("shape_signature")
+        return cls(d["name"], sig if sig is not None and len(sig) else d["shape"], d["dtype"],
+                   np.asarray(q.get("scales", []), np.float64).ravel().tolist(),
+                   np.asarray(q.get("zero_points", []), np.int64).ravel().tolist())
+
+    @classmethod
+    def from_ort(cls, x: Any) -> "Tensor":
+        return cls(x.name, [d if isinstance(d, int) else -1 for d in x.shape], _ORT_TYPES.get(x.type, "object"))
+
+
+def tensor_dict(t: Any) -> Dict[str, Any]:
+    """Any tensor object (Tensor, TensorInfo) -> the JSON the agent prints."""
+    q = getattr(t, "quantization", None) or {}
+    return {"name": t.name, "shape": [int(s) for s in t.shape], "dtype": str(t.dtype),
+            "scale": [float(s) for s in q.get("scale") or []],
+            "zero_point": [int(z) for z in q.get("zero_point") or []]}
+
+
+def quantize(x: Any, t: Any) -> np.ndarray:
+    """Float samples -> the tensor's dtype (affine quantization for integer tensors)."""
+    dt, x = np.dtype(t.dtype), np.asarray(x)
+    if x.dtype == dt or dt.kind == "f":
+        return np.ascontiguousarray(x, dtype=dt)
+    q = getattr(t, "quantization", None) or {}
+    scale = np.asarray(q.get("scale") or [1.0], np.float32)
+    zp = np.asarray(q.get("zero_point") or [0], np.float32)
+    ii = np.iinfo(dt)
+    return np.ascontiguousarray(np.clip(np.round(x.astype(np.float32) / scale + zp), ii.min, ii.max).astype(dt))
+
+
+def dequantize(y: Any, t: Any) -> np.ndarray:
+    """An output in its dtype -> float32 (affine dequantization where the tensor is quantized)."""
+    y, q = np.asarray(y), getattr(t, "quantization", None) or {}
+    if y.dtype.kind == "f" or not q.get("scale"):
+        return y.astype(np.float32)
+    zp = np.asarray(q.get("zero_point") or [0], np.float32)
+    return (y.astype(np.float32) - zp) * np.asarray(q["scale"], np.float32)
+
+
+def random_input(t: Any, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Random data in a tensor's dtype (full integer range for quantized inputs, [-1, 1] for floats)."""
     rng = rng or np.random.default_rng(0)
-    dt = np.dtype(info["dtype"])
-    shape = [1 if int(s) < 0 else int(s) for s in info["shape"]]
+    dt, shape = np.dtype(t.dtype), [1 if int(s) < 0 else int(s) for s in t.shape]
     if dt.kind in "iu":
         ii = np.iinfo(dt)
         lo, hi = (max(ii.min, -128), min(ii.max, 255)) if dt.itemsize > 1 else (ii.min, ii.max)
@@ -738,553 +251,548 @@ def _random_input(info, rng=None):
     return rng.uniform(-1.0, 1.0, size=shape).astype(dt)
 
 
-def quantize(x, info):
-    import numpy as np
+class Session:
+    """A loaded artifact; subclasses implement ``run_native``. input_kind "image": raw 0-255 pixel inputs."""
 
-    dt = np.dtype(info["dtype"])
-    x = np.asarray(x)
-    if x.dtype == dt:
-        return np.ascontiguousarray(x)
-    if dt.kind == "f":
-        return np.ascontiguousarray(x, dtype=dt)
-    scale = np.asarray(info.get("scale") or [1.0], np.float32)
-    zp = np.asarray(info.get("zero_point") or [0], np.float32)
-    ii = np.iinfo(dt)
-    y = np.round(x.astype(np.float32) / scale + zp)
-    return np.ascontiguousarray(np.clip(y, ii.min, ii.max).astype(dt))
+    runtime, version, api, input_kind = "", None, "", "tensor"  # runtime: the library that runs it
+    inputs, outputs, facts = [], [], {}  # filled by subclasses: Tensor-like objects, facts about the runtime
 
+    def run_native(self, feeds: List[np.ndarray]) -> List[np.ndarray]:
+        """Inputs in their native dtypes: write them, run, read every output back to host memory."""
+        raise NotImplementedError
 
-def dequantize(y, info):
-    import numpy as np
+    def run(self, inputs: Any) -> List[np.ndarray]:
+        """Float inputs (the model's preprocessed input) -> float outputs; quantization inside."""
+        inputs = [inputs] if isinstance(inputs, np.ndarray) else inputs
+        outs = self.run_native([quantize(x, t) for x, t in zip(inputs, self.inputs)])
+        return [dequantize(y, t) for y, t in zip(outs, self.outputs)]
 
-    y = np.asarray(y)
-    if y.dtype.kind == "f" or not info.get("scale"):
-        return y.astype(np.float32)
-    scale = np.asarray(info["scale"], np.float32)
-    zp = np.asarray(info.get("zero_point") or [0], np.float32)
-    return (y.astype(np.float32) - zp) * scale
+    def placement(self) -> Dict[str, Any]:
+        return {}
 
+    def profile(self, feeds: Optional[list], runs: int) -> Optional[dict]:
+        return None
 
-def load_inputs(backend, npz_path, max_samples=32):
-    """List of feed lists (one per sample), native dtype, and where they came from."""
-    import numpy as np
+    def close(self) -> None:
+        pass
 
-    if not npz_path:
-        rng = np.random.default_rng(0)
-        return [[_random_input(i, rng) for i in backend.inputs] for _ in range(4)], "random"
-    with np.load(npz_path) as z:
-        arrays = {k: z[k] for k in z.files}
-    per_input = []
-    for k, info in enumerate(backend.inputs):
-        a = arrays.get(info["name"])
-        if a is None:
-            a = arrays.get("input_%d" % k)
-        if a is None and len(backend.inputs) == 1 and len(arrays) == 1:
-            a = next(iter(arrays.values()))
-        if a is None and len(backend.inputs) == 1 and "inputs" in arrays:
-            a = arrays["inputs"]
-        if a is None:
-            raise AgentError("inputs file %s has no array for input '%s' (has: %s)"
-                             % (npz_path, info["name"], ", ".join(sorted(arrays))))
-        want = [int(s) for s in info["shape"]]
-        if a.ndim == len(want) - 1:
-            a = a[None]
-        tail = [s for s in want[1:]]
-        if list(a.shape[1:]) != tail and all(s > 0 for s in tail):
-            # NCHW artifact fed NHWC samples (or the reverse): transpose when that makes it fit
-            if a.ndim == 4 and [a.shape[3], a.shape[1], a.shape[2]] == tail:
-                a = a.transpose(0, 3, 1, 2)
-            elif a.ndim == 4 and [a.shape[2], a.shape[3], a.shape[1]] == tail:
-                a = a.transpose(0, 2, 3, 1)
-            else:
-                raise AgentError("inputs file %s: samples of shape %s do not fit input '%s' %s"
-                                 % (npz_path, list(a.shape[1:]), info["name"], want))
-        per_input.append(a if max_samples is None else a[:max_samples])
-    n = min(a.shape[0] for a in per_input)
-    samples = []
-    for i in range(n):
-        samples.append([quantize(a[i:i + 1], info) for a, info in zip(per_input, backend.inputs)])
-    return samples, "file"
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# measurement
-# ---------------------------------------------------------------------------------------------
-def open_backend(artifact, fmt, target, threads, delegate_lib=None, api=None):
-    if fmt == "tflite":
-        if target == "gpu":
-            return LiteRTCompiledBackend(artifact, "gpu", threads)
-        if target == "cpu" and api == "compiled_model":
-            return LiteRTCompiledBackend(artifact, "cpu", threads)
-        if target in ("cpu", "edgetpu"):
-            return TFLiteInterpreterBackend(artifact, target, threads, delegate_lib)
+def tflite_io(path: Any) -> Tuple[List[Tensor], List[Tensor]]:
+    """(inputs, outputs) of a .tflite file as Tensors."""
+    it = import_tflite()[1].Interpreter(model_path=str(path))
+    return [[Tensor.from_tflite(d) for d in ds] for ds in (it.get_input_details(), it.get_output_details())]
+
+
+def _edgetpu_delegate(mod, path, lib, options):
+    with open(path, "rb") as fh:
+        if b"edgetpu-custom-op" not in fh.read():
+            raise AgentError("not compiled for the Edge TPU (no edgetpu-custom-op): run edgetpu_compiler on a "
+                             "full-int8 artifact")
+    lib = lib or EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")
+    try:
+        return mod.load_delegate(lib, options or {})
+    except Exception as e:
+        raise Unavailable("Edge TPU delegate %s could not be loaded (install libedgetpu1-std and plug in the Edge "
+                          "TPU): %s" % (lib, one_line(e)))
+
+
+class TFLiteSession(Session):
+    """LiteRT / tflite_runtime Interpreter: XNNPACK on cpu, the libedgetpu delegate on edgetpu."""
+
+    api = "interpreter"
+
+    def __init__(self, path, target="cpu", threads=None, delegate=None, delegate_options=None):
+        self.runtime, mod = import_tflite()
+        self.version = dist_version("ai-edge-litert" if self.runtime == "ai_edge_litert" else "tflite-runtime")
+        self.target, kw = target, ({"num_threads": int(threads)} if threads else {})
+        self.delegate = _edgetpu_delegate(mod, path, delegate, delegate_options) if target == "edgetpu" else None
+        kw.update({"experimental_delegates": [self.delegate]} if self.delegate is not None else {})
+        self.it = mod.Interpreter(model_path=str(path), **kw)
+        self.it.allocate_tensors()
+        ins, outs = self.it.get_input_details(), self.it.get_output_details()
+        self.inputs, self.outputs = [Tensor.from_tflite(d) for d in ins], [Tensor.from_tflite(d) for d in outs]
+        self._slots = [[d["index"], tuple(d["shape"])] for d in ins]  # per-call work kept minimal (eval)
+        self._out_idx = [d["index"] for d in outs]
+        self.facts = {"runtime": self.runtime, "delegate": "edgetpu" if self.delegate else "xnnpack",
+                      "threads": threads}
+
+    def run_native(self, feeds):
+        it = self.it
+        for slot, x in zip(self._slots, feeds):
+            if x.shape != slot[1]:  # a dynamic-batch model fed another batch size
+                it.resize_tensor_input(slot[0], list(x.shape))
+                it.allocate_tensors()
+                slot[1] = tuple(x.shape)
+            it.set_tensor(slot[0], x)
+        it.invoke()
+        return [it.get_tensor(i) for i in self._out_idx]  # get_tensor copies: the read-back
+
+    def placement(self):
+        """Which nodes XNNPACK (cpu) or the Edge TPU took: the node list holds a DELEGATE node per partition."""
+        try:
+            ops = self.it._get_ops_details()
+        except Exception as e:
+            return {"error": "op list unavailable: %s" % one_line(e)}
+        originals = [o for o in ops if o["op_name"] != "DELEGATE"]
+        if self.target == "edgetpu":
+            on = set(o["index"] for o in originals if "edgetpu" in o["op_name"].lower())
+        else:
+            on = _delegated(ops, originals)
+        off = [o for o in originals if o["index"] not in on]
+        return {"accelerator": "edgetpu" if self.target == "edgetpu" else "xnnpack", "ops_total": len(originals),
+                "ops_accelerated": len(originals) - len(off), "ops_fallback": len(off),
+                "fully_accelerated": not off and bool(originals), "fallback_ops": histogram(o["op_name"] for o in off),
+                "op_histogram": histogram(o["op_name"] for o in originals),
+                "partitions": sum(1 for o in ops if o["op_name"] == "DELEGATE")}
+
+    def close(self):
+        self.it = self.delegate = None
+
+
+def _delegated(ops, originals):
+    """Indices of the original nodes a DELEGATE node took: those between its boundary tensors."""
+    producer, taken = {int(t): o for o in originals for t in o["outputs"]}, set()
+    for dnode in (o for o in ops if o["op_name"] == "DELEGATE"):
+        boundary, stack, seen = set(int(t) for t in dnode["inputs"]), [int(t) for t in dnode["outputs"]], set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t in boundary:
+                continue
+            seen.add(t)
+            p = producer.get(t)
+            if p is not None and p["index"] not in taken:
+                taken.add(p["index"])
+                stack.extend(int(x) for x in p["inputs"] if int(x) >= 0)
+    return taken
+
+
+def check_static_shapes(path: Any) -> Optional[str]:
+    """Why the GPU accelerator cannot take this model (a dynamic input shape), before it fails cryptically."""
+    try:
+        t = next((t for t in tflite_io(path)[0] if any(s < 0 for s in t.shape)), None)
+    except Exception:  # an unreadable model fails later, in the runtime's own words
+        return None
+    return t and ("input '%s' has a dynamic shape %s: the GPU accelerator needs static shapes; re-export with a "
+                  "static batch of 1" % (t.name, t.shape))
+
+
+def parse_gpu_log(text: str) -> Dict[str, Any]:
+    """Facts from the GPU delegate's log: op counts on GPU/CPU, unsupported ops, the backend."""
+    out = {}
+    m = re.search(r"(\d+) operations will run on the GPU, and the remaining (\d+) operations? will run on the CPU",
+                  text)
+    if m:
+        out["ops_accelerated"], out["ops_fallback"] = int(m.group(1)), int(m.group(2))
+    block = re.search(r"Following operations are not supported by GPU delegate:\n((?:.+\n)+?)\d+ operations", text)
+    lines = [ln.partition(":") for ln in (block.group(1).splitlines() if block else [])]
+    if any(op.strip() for op, _, _ in lines):
+        out["fallback_ops"] = {op.strip(): why.strip() for op, _, why in lines if op.strip()}
+    for name in ("WebGPU", "OpenCL", "Metal", "Vulkan"):
+        if ("%s environment" % name) in text:
+            out.setdefault("backend", name.lower())
+    return out
+
+
+class CompiledModelSession(Session):
+    """ai_edge_litert CompiledModel: the GPU accelerator with CPU fallback, or XNNPACK on cpu."""
+
+    api = "compiled_model"
+
+    def __init__(self, path, target="gpu", threads=None):
+        cm_mod, ha_mod, opt_mod = (need("ai_edge_litert." + m, "LiteRT CompiledModel API missing: pip install ai-edge"
+                                        "-litert>=2") for m in ("compiled_model", "hardware_accelerator", "options"))
+        HA = ha_mod.HardwareAccelerator
+        self.runtime, self.version, self.target = "ai_edge_litert", dist_version("ai-edge-litert"), target
+        why = check_static_shapes(path) if target == "gpu" else None
+        if why:
+            raise AgentError(why)
+        opts = opt_mod.Options(hardware_accelerators=HA.GPU | HA.CPU if target == "gpu" else HA.CPU,
+                               cpu_options=opt_mod.CpuOptions(num_threads=int(threads or 0)))
+        err = None
+        with capture_stderr() as log:
+            try:
+                self.cm = cm_mod.CompiledModel.from_file(str(path), options=opts)
+            except Exception as e:  # noqa: BLE001 - reported below with the log's advice
+                err = e
+        self.log = log["text"]
+        if err is not None:
+            if "modify graph with delegate" in one_line(err).lower():
+                raise AgentError(check_static_shapes(path) or "the GPU accelerator rejected the model (%s); artifacts "
+                                 "for the GPU need static shapes with a batch of 1" % one_line(err))
+            raise AgentError("LiteRT could not compile the model for %s: %s" % (target, one_line(err)))
+        self._io(path)
+        self.in_bufs, self.out_bufs = self.cm.create_input_buffers(0), self.cm.create_output_buffers(0)
+        self._out_spec = [(int(np.prod(o.shape)), np.dtype(o.dtype), tuple(o.shape)) for o in self.outputs]
+        p = self.placement()
+        self.facts = {"runtime": self.runtime, "accelerator": p["accelerator"], "threads": threads,
+                      "fully_accelerated": p["fully_accelerated"], "placement": p}
+
+    def _io(self, path):
+        sigs = self.cm.get_signature_list()
+        sig = next(iter(sigs))
+        ind, outd = self.cm.get_input_tensor_details(sig), self.cm.get_output_tensor_details(sig)
+        self.inputs = [Tensor(n, ind[n]["shape"], ind[n]["dtype"]) for n in sigs[sig]["inputs"]]
+        self.outputs = [Tensor(n, outd[n]["shape"], outd[n]["dtype"]) for n in sigs[sig]["outputs"]]
+        # CompiledModel does not expose quantization parameters; the Interpreter reads the same flatbuffer
+        for mine, theirs in zip((self.inputs, self.outputs), tflite_io(path)):
+            for a, b in zip(mine, theirs if len(mine) == len(theirs) else []):
+                a.scale, a.zero_point = b.scale, b.zero_point
+
+    def run_native(self, feeds):
+        for buf, x in zip(self.in_bufs, feeds):
+            buf.write(np.ascontiguousarray(x))
+        self.cm.run_by_index(0, self.in_bufs, self.out_bufs)
+        # the read-back waits for the accelerator: without it the time is the enqueue only
+        return [buf.read(n, dt).reshape(shape) for buf, (n, dt, shape) in zip(self.out_bufs, self._out_spec)]
+
+    def placement(self):
+        facts = parse_gpu_log(self.log) if self.target == "gpu" else {}
+        full = bool(self.cm.is_fully_accelerated())
+        facts.update({"accelerator": "gpu" if self.target == "gpu" else "xnnpack", "fully_accelerated": full})
+        if full:
+            facts.setdefault("ops_fallback", 0)
+        return facts
+
+    def close(self):
+        self.in_bufs = self.out_bufs = self.cm = None
+
+
+class ORTSession(Session):
+    """onnxruntime on cpu, or CUDA on gpu (refused where onnxruntime would silently fall back to the CPU)."""
+
+    api = "inference_session"
+
+    def __init__(self, path, target="cpu", threads=None):
+        self.ort = ort = need("onnxruntime", "onnxruntime is not installed: pip install onnxruntime")
+        self.runtime, self.version, self.target = "onnxruntime", getattr(ort, "__version__", None), target
+        self.path, self.threads = str(path), threads
+        if target not in ("cpu", "gpu") or (target == "gpu" and cuda_reason(ort)):
+            raise Unavailable(cuda_reason(ort) if target == "gpu" else "onnxruntime does not run on %s" % target)
+        self.providers = (["CUDAExecutionProvider"] if target == "gpu" else []) + ["CPUExecutionProvider"]
+        self.sess = self._session(None)
+        got = self.sess.get_providers()
+        if target == "gpu" and "CUDAExecutionProvider" not in got:
+            raise Unavailable("CUDAExecutionProvider failed to initialise (session providers: %s): check the CUDA "
+                              "and cuDNN libraries" % ", ".join(got))
+        self.inputs = [Tensor.from_ort(x) for x in self.sess.get_inputs()]
+        self.outputs = [Tensor.from_ort(x) for x in self.sess.get_outputs()]
+        self._names = [t.name for t in self.inputs]
+        self.facts = dict({"runtime": "onnxruntime", "providers": got, "threads": threads},
+                          **({"accelerator": "cuda"} if target == "gpu" else {}))
+
+    def _session(self, profile_prefix):
+        so = self.ort.SessionOptions()
+        so.log_severity_level, so.execution_mode = 3, self.ort.ExecutionMode.ORT_SEQUENTIAL
+        if self.threads:
+            so.intra_op_num_threads, so.inter_op_num_threads = int(self.threads), 1
+        if profile_prefix:
+            so.enable_profiling, so.profile_file_prefix = True, profile_prefix
+        return self.ort.InferenceSession(self.path, sess_options=so, providers=self.providers)
+
+    def run_native(self, feeds):
+        return self.sess.run(None, dict(zip(self._names, feeds)))
+
+    def placement(self):
+        if self.target == "cpu":
+            return {"accelerator": None, "providers": self.facts["providers"]}
+        prof = self.profile(None, 5) or {}  # providers per node come from the profiler
+        keys = ("ops_total", "ops_accelerated", "ops_fallback", "fallback_ops", "fully_accelerated")
+        return dict({"accelerator": "cuda", "providers": self.facts["providers"]},
+                    **{k: prof[k] for k in keys if k in prof})
+
+    def profile(self, feeds, runs):
+        """A separate profiled session (profiling slows every node): top ops and provider per node."""
+        d = tempfile.mkdtemp(prefix="edgepipe-ortprof-")
+        try:
+            sess = self._session(os.path.join(d, "ort"))
+            feed = dict(zip(self._names, feeds if feeds is not None else [random_input(t) for t in self.inputs]))
+            for _ in range(3 + max(1, runs)):  # the first 3 runs of a fresh session allocate: skipped
+                sess.run(None, feed)
+            with open(sess.end_profiling()) as fh:
+                events = json.load(fh)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        return self.parse_profile(events, runs=max(1, runs), skip_runs=3, accelerated_provider=(
+            "CUDAExecutionProvider" if self.target == "gpu" else None))
+
+    def close(self):
+        self.sess = None
+
+    @staticmethod
+    def parse_profile(events, runs=1, accelerated_provider=None, top=10, skip_runs=0):
+        """onnxruntime profiler JSON -> top ops by time, time per op type, provider per node (kernel events
+        of the first ``skip_runs`` runs left out)."""
+        model_runs = sorted((e.get("ts", 0) + e.get("dur", 0) for e in events
+                             if e.get("cat") == "Session" and e.get("name") == "model_run"))
+        start = model_runs[skip_runs - 1] if 0 < skip_runs < len(model_runs) else -1
+        nodes, by_type = {}, {}
+        for e in events:
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and e.get("ts", 0) >= start:
+                a, name = e.get("args") or {}, e["name"][: -len("_kernel_time")]
+                n = nodes.setdefault(name, {"node": name, "op": a.get("op_name"), "provider": a.get("provider")})
+                n["us"] = n.get("us", 0.0) + float(e.get("dur", 0))
+        if not nodes:
+            return None
+        for n in nodes.values():
+            t = by_type.setdefault(n["op"] or "?", {"op": n["op"] or "?", "us": 0.0, "nodes": 0})
+            t["us"], t["nodes"] = t["us"] + n["us"], t["nodes"] + 1
+        total = sum(n["us"] for n in nodes.values())
+        ms, pct = (lambda us: us / 1000.0 / runs), (lambda us: 100.0 * us / total if total else 0.0)
+        out = {"source": "onnxruntime profiler", "runs": runs, "total_ms_per_run": ms(total), "ops_total": len(nodes),
+               "top_ops": [{"op": t["op"], "ms": ms(t["us"]), "pct": pct(t["us"]), "nodes": t["nodes"]}
+                           for t in sorted(by_type.values(), key=lambda t: -t["us"])[:top]],
+               "top_nodes": [{"node": n["node"], "op": n["op"], "provider": n["provider"], "ms": ms(n["us"]),
+                              "pct": pct(n["us"])} for n in sorted(nodes.values(), key=lambda n: -n["us"])[:top]],
+               "providers": histogram(n["provider"] for n in nodes.values())}
+        if accelerated_provider:
+            off = [n for n in nodes.values() if n["provider"] != accelerated_provider]
+            out.update({"ops_accelerated": len(nodes) - len(off), "ops_fallback": len(off),
+                        "fallback_ops": histogram(n["op"] or "?" for n in off), "fully_accelerated": not off})
+        return out
+
+
+def open_session(spec: "MeasureSpec") -> Session:
+    """The built-in session for ``spec.format`` on ``spec.target``."""
+    fmt, target = spec.format, spec.target
+    if fmt == "tflite" and (target == "gpu" or (target == "cpu" and spec.api == "compiled_model")):
+        return CompiledModelSession(spec.artifact, target, spec.threads)
+    if fmt == "tflite" and target in ("cpu", "edgetpu"):
+        return TFLiteSession(spec.artifact, target, spec.threads, spec.delegate, spec.options.get("edgetpu_options"))
     if fmt == "onnx":
-        return ORTBackend(artifact, target, threads)
+        return ORTSession(spec.artifact, target, spec.threads)
     raise Unavailable("the agent cannot run %s artifacts on %s" % (fmt, target))
 
 
-def _crash_hook(artifact):
-    want = os.environ.get("EDGEPIPE_AGENT_CRASH")
-    if want and (want == "*" or want in os.path.basename(str(artifact))):
-        sys.stderr.write("edgepipe agent: EDGEPIPE_AGENT_CRASH matched, raising SIGSEGV (test hook)\n")
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGSEGV)
+def _fit(a, t, where):
+    """Samples shaped for the tensor (a missing batch axis added)."""
+    want = [int(s) for s in t.shape]
+    a = a[None] if a.ndim == len(want) - 1 else a
+    if list(a.shape[1:]) == want[1:] or not all(s > 0 for s in want[1:]):
+        return a
+    raise AgentError("inputs file %s: samples of shape %s do not fit input '%s' %s" % (where, list(a.shape[1:]),
+                                                                                      t.name, want))
 
 
-def measure(backend, samples, runs=50, min_seconds=1.0, warmup=5, max_seconds=None, profile=False,
-            profile_runs=20):
-    """The timing method, shared by the agent and edgepipe's in-process worker."""
-    clock = time.perf_counter
-    k = len(samples)
-    res = {}
-    stage("first inference")
-    t0 = clock()
-    outs = backend.run(samples[0])
-    res["first_ms"] = (clock() - t0) * 1000.0
-    first_outputs = outs
-    wu = []
-    for i in range(max(0, int(warmup))):
-        t0 = clock()
-        backend.run(samples[i % k])
-        wu.append((clock() - t0) * 1000.0)
-    res["warmup_ms"] = wu
-    stage("measure")
-    times = []
+def load_inputs(session: Session, npz_path: Optional[str], max_samples: Optional[int] = 32) -> Tuple[list, str]:
+    """(list of feed lists, one per sample, in native dtypes; "file" or "random")."""
+    if not npz_path:
+        rng = np.random.default_rng(0)
+        return [[random_input(t, rng) for t in session.inputs] for _ in range(4)], "random"
+    with np.load(npz_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if getattr(session, "input_kind", "tensor") == "image" and "raw" in arrays:
+        arrays = {"inputs": arrays["raw"]}  # image inputs take raw 0-255 pixels, not the preprocessed tensor
+    one = len(session.inputs) == 1
+    per_input = []
+    for k, t in enumerate(session.inputs):
+        a = arrays.get(t.name, arrays.get("input_%d" % k))
+        if a is None and one:
+            a = next(iter(arrays.values())) if len(arrays) == 1 else arrays.get("inputs")
+        if a is None:
+            raise AgentError("inputs file %s has no array for input '%s' (has: %s)" % (npz_path, t.name,
+                                                                                      ", ".join(sorted(arrays))))
+        per_input.append(_fit(a, t, npz_path)[:max_samples])
+    n = min(a.shape[0] for a in per_input)
+    return [[quantize(a[i:i + 1], t) for a, t in zip(per_input, session.inputs)] for i in range(n)], "file"
+
+
+@dataclasses.dataclass
+class MeasureSpec:
+    """How to load and measure one artifact, for local, worker and remote runs: ``to_argv()`` is the agent's
+    command line, ``parse_spec`` reads it back. ``options`` (runtime-specific) stay in-process."""
+
+    artifact: Optional[str] = None
+    format: Optional[str] = None  # tflite | onnx (a worker measures any registered format)
+    target: str = "cpu"
+    threads: Optional[int] = None  # None: the runtime's default
+    runs: int = 50  # at least this many measured runs ...
+    min_seconds: float = 1.0  # ... and at least this long
+    max_seconds: Optional[float] = None  # stop measuring after this long (``truncated``)
+    warmup: int = 5
+    profile: bool = False  # also profile ops (a separate pass)
+    inputs: Optional[str] = None  # .npz of preprocessed float samples (keys: input names, input_0..., inputs)
+    save_outputs: Optional[str] = None  # the dequantized outputs of up to 8 samples go to this .npz
+    predict_out: Optional[str] = None  # predict mode: every --inputs sample, outputs to this .npz
+    delegate: Optional[str] = None  # the Edge TPU delegate library (default libedgetpu.so.1)
+    api: Optional[str] = None  # TFLite on cpu: interpreter (default) or compiled_model
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "MeasureSpec":
+        return cls(**{k: v for k, v in (d or {}).items() if k in _SPEC_FIELDS})
+
+    def to_argv(self) -> List[str]:
+        argv = []
+        for name in _SPEC_FIELDS:
+            v = getattr(self, name)
+            if name != "options" and v is not None and v is not False:
+                argv += ["--" + name.replace("_", "-")] + ([] if v is True else [str(v)])
+        return argv
+
+
+_SPEC_FIELDS = [f.name for f in dataclasses.fields(MeasureSpec)]
+_ARG_TYPES = {"threads": int, "runs": int, "warmup": int, "min_seconds": float, "max_seconds": float}
+_ARG_CHOICES = {"target": ("cpu", "gpu", "edgetpu", "reference"), "api": ("interpreter", "compiled_model")}
+
+
+def parse_spec(argv: Optional[List[str]] = None) -> MeasureSpec:
+    """The agent's command line -> MeasureSpec (argparse exits 2 with a message on bad input)."""
+    p = argparse.ArgumentParser(description="Measure one model on one target; prints one JSON object "
+                                            "(see the docstring of agent.py).")
+    for f in dataclasses.fields(MeasureSpec):
+        if f.name == "profile":
+            p.add_argument("--profile", action="store_true")
+        elif f.name != "options":
+            p.add_argument("--" + f.name.replace("_", "-"), type=_ARG_TYPES.get(f.name, str), default=f.default,
+                           choices=_ARG_CHOICES.get(f.name))
+    a = p.parse_args(argv)
+    if not a.artifact or not a.format or a.runs < 1 or a.warmup < 0 or a.min_seconds < 0 or (a.threads or 0) < 0:
+        p.error("--artifact and --format are required; --runs >= 1, --warmup, --min-seconds, --threads >= 0")
+    return MeasureSpec(**dict(vars(a), threads=a.threads or None))
+
+
+def _timed_loop(session, samples, spec):
+    """(times in ms, wall seconds, truncated): runs until both spec.runs and spec.min_seconds are done."""
+    clock, run, k, times = time.perf_counter, session.run_native, len(samples), []
+    cap = float("inf") if spec.max_seconds is None else spec.max_seconds
     gc_was = gc.isenabled()
     gc.disable()
-    truncated = False
-    start = clock()
+    start = t1 = clock()
     try:
-        i = 0
-        while True:
-            feeds = samples[i % k]
+        while (len(times) < spec.runs or t1 - start < spec.min_seconds) and (not times or t1 - start < cap):
+            feeds = samples[len(times) % k]
             t0 = clock()
-            backend.run(feeds)
+            run(feeds)
             t1 = clock()
             times.append((t1 - t0) * 1000.0)
-            i += 1
-            elapsed = t1 - start
-            if i >= runs and elapsed >= min_seconds:
-                break
-            if max_seconds is not None and elapsed >= max_seconds:
-                truncated = i < runs or elapsed < min_seconds
-                break
     finally:
         if gc_was:
             gc.enable()
-    wall = clock() - start
-    res["latency_ms"] = summarize(times)
-    res["samples_ms"] = times
-    res["measured_s"] = wall
-    res["truncated"] = truncated
-    mean = res["latency_ms"].get("mean")
-    res["throughput_ips"] = 1000.0 / mean if mean else None
-    if profile:
+    return times, clock() - start, len(times) < spec.runs or t1 - start < spec.min_seconds
+
+
+def measure(session: Session, samples: list, spec: MeasureSpec, profile_runs: int = 20) -> Tuple[dict, list]:
+    """The timing method: first inference, warm-up, the timed loop, statistics (and a profile)."""
+    clock = time.perf_counter
+    stage("first inference")
+    t0 = clock()
+    first = session.run_native(samples[0])
+    res = {"first_ms": (clock() - t0) * 1000.0, "warmup_ms": []}
+    for i in range(max(0, int(spec.warmup))):
+        t0 = clock()
+        session.run_native(samples[i % len(samples)])
+        res["warmup_ms"].append((clock() - t0) * 1000.0)
+    stage("measure")
+    times, wall, truncated = _timed_loop(session, samples, spec)
+    lat = summarize(times)
+    res.update({"latency_ms": lat, "samples_ms": times, "measured_s": wall, "truncated": truncated,
+                "throughput_ips": 1000.0 / lat["mean"] if lat.get("mean") else None})
+    if spec.profile:
         stage("profile")
         try:
-            res["profile"] = backend.profile(samples[0], profile_runs) or {
-                "source": None,
-                "note": "%s exposes no per-op profiler through its Python API; placement shows which ops the "
-                        "accelerator took" % backend.runtime}
-        except Exception as e:  # noqa: BLE001
-            res["profile"] = {"error": _one_line(e)}
-    return res, first_outputs
+            res["profile"] = session.profile(samples[0], profile_runs) or {"source": None, "note": (
+                "%s has no per-op profiler in Python; placement shows what the accelerator took" % session.runtime)}
+        except Exception as e:  # noqa: BLE001 - a profile is extra; the figures stand
+            res["profile"] = {"error": one_line(e)}
+    return res, first
 
 
-def run_agent(args, opener=None):
-    """Measure one artifact as ``args`` says. ``opener()`` -> Backend replaces the built-in runtimes
-    (edgepipe's in-process worker uses it to measure any registered runtime the same way)."""
-    info = {
-        "agent_version": AGENT_VERSION,
-        "artifact": str(args.artifact),
-        "format": args.format,
-        "target": args.target,
-        "python": platform.python_version(),
-        "pid": os.getpid(),
-    }
-    import numpy as np  # noqa: F401  (import cost is not the model's)
-
-    info["memory_baseline"] = memory_now()
+def open_timed(spec: MeasureSpec, opener: Optional[Callable[[], Session]], mode: str) -> Tuple[Session, dict]:
+    """(session, the JSON so far): the session opened and timed, memory before and after, the crash hook."""
+    info = {"agent_version": AGENT_VERSION, "mode": mode, "artifact": str(spec.artifact), "format": spec.format,
+            "target": spec.target, "python": platform.python_version(), "pid": os.getpid(),
+            "memory_baseline": memory_now()}
     stage("load")
     t0 = time.perf_counter()
-    if opener is not None:
-        backend = opener()
-    else:
-        backend = open_backend(args.artifact, args.format, args.target, args.threads, args.delegate, args.api)
-    info["load_ms"] = (time.perf_counter() - t0) * 1000.0
-    info["memory_after_load"] = memory_now()
+    session = opener() if opener is not None else open_session(spec)
+    info.update(load_ms=(time.perf_counter() - t0) * 1000.0, memory_after_load=memory_now())
     stage("loaded")
-    _crash_hook(args.artifact)
-    info["runtime"] = {"name": backend.runtime, "version": backend.version, "api": backend.api}
-    info["threads"] = args.threads or None
-    info["inputs"] = [{k: v for k, v in i.items() if k != "index"} for i in backend.inputs]
-    info["outputs"] = [{k: v for k, v in o.items() if k != "index"} for o in backend.outputs]
-    stage("inputs")
-    samples, source = load_inputs(backend, args.inputs)
-    info["input_source"] = source
-    info["input_samples"] = len(samples)
-    res, first = measure(backend, samples, runs=args.runs, min_seconds=args.min_seconds, warmup=args.warmup,
-                         max_seconds=args.max_seconds, profile=args.profile)
-    info.update(res)
-    stage("placement")
-    try:
-        info["placement"] = backend.placement()
-    except Exception as e:  # noqa: BLE001
-        info["placement"] = {"error": _one_line(e)}
-    if args.save_outputs:
-        stage("save outputs")
-        arrays = {}
-        for s_i, feeds in enumerate(samples[:8]):
-            ys = backend.run(feeds)
-            for o_i, (y, o) in enumerate(zip(ys, backend.outputs)):
-                arrays.setdefault("output_%d" % o_i, []).append(dequantize(y, o))
-        np.savez(args.save_outputs, **{k: np.concatenate(v, axis=0) for k, v in arrays.items()})
-        info["saved_outputs"] = str(args.save_outputs)
-    info["memory"] = memory_now()
-    info["loadavg"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    backend.close()
-    info["status"] = "ok"
-    return info
+    want = os.environ.get("EDGEPIPE_AGENT_CRASH")  # the test hook
+    if want and (want == "*" or want in os.path.basename(str(spec.artifact))):
+        sys.stderr.write("edgepipe agent: EDGEPIPE_AGENT_CRASH matched, raising SIGSEGV (test hook)\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+    info.update(runtime={"name": session.runtime, "version": session.version, "api": session.api},
+                threads=spec.threads or None, inputs=[tensor_dict(t) for t in session.inputs],
+                outputs=[tensor_dict(t) for t in session.outputs])
+    return session, info
 
 
-def run_predict(args):
-    """Predict mode (``--predict-out``): every sample of ``--inputs`` through the artifact, batch of 1;
-    the dequantized outputs go to an .npz (``output_0``... stacked over samples). For accuracy
-    evaluation on a device (`edgepipe eval --device`)."""
-    import numpy as np
-
-    if not args.inputs:
-        raise AgentError("--predict-out needs --inputs (an .npz of preprocessed samples)")
-    stage("load")
-    t0 = time.perf_counter()
-    backend = open_backend(args.artifact, args.format, args.target, args.threads, args.delegate, args.api)
-    info = {"agent_version": AGENT_VERSION, "mode": "predict", "artifact": str(args.artifact),
-            "format": args.format, "target": args.target, "python": platform.python_version(),
-            "load_ms": (time.perf_counter() - t0) * 1000.0,
-            "runtime": {"name": backend.runtime, "version": backend.version, "api": backend.api},
-            "threads": args.threads or None}
-    _crash_hook(args.artifact)
-    stage("inputs")
-    samples, _ = load_inputs(backend, args.inputs, max_samples=None)
-    stage("predict")
-    outs = [[] for _ in backend.outputs]
-    t1 = time.perf_counter()
+def collect_outputs(session: Session, samples: list) -> Dict[str, np.ndarray]:
+    """{output_i: dequantized outputs stacked over the samples}."""
+    outs = [[] for _ in session.outputs]
     for feeds in samples:
-        for o_i, y in enumerate(backend.run(feeds)):
+        for o_i, y in enumerate(session.run_native(feeds)):
             outs[o_i].append(np.asarray(y))
-    info["predict_s"] = time.perf_counter() - t1
-    info["samples"] = len(samples)
-    arrays = {}
-    for o_i, (ys, o) in enumerate(zip(outs, backend.outputs)):
-        if ys:
-            arrays["output_%d" % o_i] = dequantize(np.concatenate(ys, axis=0), o)
-    tmp = args.predict_out + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, args.predict_out)
-    info["outputs"] = [{k: v for k, v in o.items() if k != "index"} for o in backend.outputs]
-    info["predict_out"] = str(args.predict_out)
-    backend.close()
+    return {"output_%d" % i: dequantize(np.concatenate(ys, axis=0), t)
+            for i, (ys, t) in enumerate(zip(outs, session.outputs)) if ys}
+
+
+def run_agent(spec: MeasureSpec, opener: Optional[Callable[[], Session]] = None) -> dict:
+    """Measure one artifact as ``spec`` says; ``opener()`` -> Session replaces the built-in ones (the worker)."""
+    session, info = open_timed(spec, opener, "measure")
+    with session:
+        stage("inputs")
+        samples, info["input_source"] = load_inputs(session, spec.inputs)
+        info["input_samples"] = len(samples)
+        info.update(measure(session, samples, spec)[0])
+        stage("placement")
+        try:
+            info["placement"] = session.placement()
+        except Exception as e:  # noqa: BLE001 - placement is a fact about the figures, not a figure
+            info["placement"] = {"error": one_line(e)}
+        if spec.save_outputs:
+            stage("save outputs")
+            np.savez(spec.save_outputs, **collect_outputs(session, samples[:8]))
+            info["saved_outputs"] = str(spec.save_outputs)
+        info["memory"] = memory_now()
+        info["loadavg"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info["status"] = "ok"
     return info
 
 
-# ---------------------------------------------------------------------------------------------
-# probes: what this host can run
-# ---------------------------------------------------------------------------------------------
-def vulkan_adapters():
-    """Vulkan physical devices through the loader (ctypes, no bindings). (list, error)."""
-    import ctypes
-    import struct
-
-    lib = None
-    for name in ("libvulkan.so.1", "libvulkan.so", "libvulkan.1.dylib", "libMoltenVK.dylib", "vulkan-1.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        return [], "Vulkan loader (libvulkan.so.1) not found: install libvulkan1 and a Vulkan driver"
-
-    class CreateInfo(ctypes.Structure):
-        _fields_ = [("sType", ctypes.c_int32), ("pNext", ctypes.c_void_p), ("flags", ctypes.c_uint32),
-                    ("pApplicationInfo", ctypes.c_void_p), ("enabledLayerCount", ctypes.c_uint32),
-                    ("ppEnabledLayerNames", ctypes.c_void_p), ("enabledExtensionCount", ctypes.c_uint32),
-                    ("ppEnabledExtensionNames", ctypes.c_void_p)]
-
-    ci = CreateInfo(1, None, 0, None, 0, None, 0, None)  # VK_STRUCTURE_TYPE_INSTANCE_CREATE_INFO
-    inst = ctypes.c_void_p()
-    lib.vkCreateInstance.restype = ctypes.c_int32
-    r = lib.vkCreateInstance(ctypes.byref(ci), None, ctypes.byref(inst))
-    if r != 0:
-        return [], "no Vulkan driver (vkCreateInstance returned %d): install mesa-vulkan-drivers or a GPU driver" % r
-    kinds = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
-    out = []
-    try:
-        n = ctypes.c_uint32(0)
-        lib.vkEnumeratePhysicalDevices(inst, ctypes.byref(n), None)
-        devs = (ctypes.c_void_p * max(1, n.value))()
-        lib.vkEnumeratePhysicalDevices(inst, ctypes.byref(n), devs)
-        for k in range(n.value):
-            buf = ctypes.create_string_buffer(4096)  # VkPhysicalDeviceProperties is < 1 KiB
-            lib.vkGetPhysicalDeviceProperties(ctypes.c_void_p(devs[k]), buf)
-            api, _drv, vendor, device, typ = struct.unpack_from("<IIIIi", buf.raw, 0)
-            name = buf.raw[20:276].split(b"\0", 1)[0].decode("utf-8", "replace")
-            out.append({"name": name, "type": kinds.get(typ, str(typ)),
-                        "vulkan": "%d.%d.%d" % (api >> 22, (api >> 12) & 0x3FF, api & 0xFFF),
-                        "vendor_id": "0x%04x" % vendor, "device_id": "0x%04x" % device})
-    finally:
-        lib.vkDestroyInstance(inst, None)
-    if not out:
-        return [], "the Vulkan loader found no adapter: install mesa-vulkan-drivers (lavapipe) or a GPU driver"
-    return out, None
-
-
-def _tiny_add_model():
-    """A one-op (ADD) TFLite flatbuffer built with the schema LiteRT ships: a GPU smoke test."""
-    import flatbuffers  # type: ignore
-    from ai_edge_litert import schema_py_generated as s  # type: ignore
-
-    m = s.ModelT()
-    m.version = 3
-    m.description = "edgepipe gpu probe"
-    m.buffers = [s.BufferT() for _ in range(3)]
-    code = s.OperatorCodeT()
-    code.builtinCode = s.BuiltinOperator.ADD
-    code.deprecatedBuiltinCode = s.BuiltinOperator.ADD
-    code.version = 1
-    m.operatorCodes = [code]
-    g = s.SubGraphT()
-    g.tensors = []
-    for i, n in enumerate(("a", "b", "y")):
-        t = s.TensorT()
-        t.shape = [1, 2, 2, 4]
-        t.type = s.TensorType.FLOAT32
-        t.buffer = i
-        t.name = n
-        g.tensors.append(t)
-    g.inputs, g.outputs = [0, 1], [2]
-    op = s.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1], [2]
-    op.builtinOptionsType = s.BuiltinOptions.AddOptions
-    op.builtinOptions = s.AddOptionsT()
-    g.operators = [op]
-    m.subgraphs = [g]
-    b = flatbuffers.Builder(1024)
-    b.Finish(m.Pack(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
-
-
-def probe_gpu_tflite():
-    out = {"runtime": "ai_edge_litert", "version": dist_version("ai-edge-litert")}
-    adapters, err = vulkan_adapters()
-    out["vulkan_adapters"] = adapters
-    try:
-        from ai_edge_litert.compiled_model import CompiledModel  # type: ignore
-        from ai_edge_litert.hardware_accelerator import HardwareAccelerator  # type: ignore
-        import numpy as np
-    except Exception as e:
-        out["reason"] = "LiteRT CompiledModel API missing: pip install ai-edge-litert>=2 (%s)" % _one_line(e)
-        return out
-    import ai_edge_litert  # type: ignore
-
-    libdir = os.path.dirname(os.path.abspath(ai_edge_litert.__file__))
-    accels = [f for f in ("libLiteRtGpuAccelerator.so", "libLiteRtWebGpuAccelerator.so",
-                          "libLiteRtMetalAccelerator.dylib", "libLiteRtOpenClAccelerator.so")
-              if os.path.exists(os.path.join(libdir, f))]
-    out["accelerator_libraries"] = accels
-    if not accels:
-        out["reason"] = "this ai-edge-litert build ships no GPU accelerator library"
-        return out
-    if err and platform.system() != "Darwin":
-        out["reason"] = err
-        return out
-    try:
-        data = _tiny_add_model()
-    except Exception as e:
-        out["reason"] = "cannot build the probe model (flatbuffers missing?): %s" % _one_line(e)
-        return out
-    with CaptureStderr() as cap:
-        try:
-            cm = CompiledModel.from_buffer(data, hardware_accel=HardwareAccelerator.GPU)
-            full = cm.is_fully_accelerated()
-            ins, outs = cm.create_input_buffers(0), cm.create_output_buffers(0)
-            a = np.arange(16, dtype=np.float32).reshape(1, 2, 2, 4)
-            ins[0].write(a)
-            ins[1].write(a)
-            cm.run_by_index(0, ins, outs)
-            y = outs[0].read(16, np.float32)
-            ok = bool(np.allclose(y, 2 * a.ravel()))
-            e = None
-        except Exception as ex:  # noqa: BLE001
-            e = ex
-    log = cap.text
-    facts = _parse_gpu_log(log)
-    if facts.get("backend"):
-        out["backend"] = facts["backend"]
-    if e is not None:
-        out["reason"] = "LiteRT's GPU accelerator failed on a one-op model: %s" % _one_line(e)
-        if "mesa" in log.lower() or any(a.get("type") == "cpu" for a in adapters):
-            out["reason"] += " (lavapipe needs Mesa >= 25: see .ci/system-deps.sh)"
-        return out
-    if not full or not ok:
-        out["reason"] = "LiteRT's GPU accelerator did not run a one-op ADD model correctly (fully accelerated: %s, " \
-                        "result correct: %s)" % (full, ok)
-        return out
-    out["available"] = True
-    if adapters and all(a["type"] == "cpu" for a in adapters):
-        out["note"] = "software Vulkan (%s): correctness only, never speed claims" % adapters[0]["name"]
-    return out
-
-
-def probe_target(target):
-    res = {}
-    if target == "cpu":
-        try:
-            name, _ = import_tflite()
-            res["tflite"] = {"available": True, "runtime": name,
-                             "version": dist_version("ai-edge-litert" if name == "ai_edge_litert" else "tflite-runtime"),
-                             "delegate": "xnnpack"}
-        except Unavailable as e:
-            res["tflite"] = {"reason": str(e)}
-        try:
-            import onnxruntime as ort  # type: ignore
-
-            res["onnx"] = {"available": True, "runtime": "onnxruntime", "version": ort.__version__,
-                           "providers": ort.get_available_providers()}
-        except Exception as e:
-            res["onnx"] = {"reason": "onnxruntime is not installed: pip install onnxruntime (%s)" % _one_line(e)}
-    elif target == "gpu":
-        res["tflite"] = probe_gpu_tflite()
-        try:
-            import onnxruntime as ort  # type: ignore
-
-            have = ort.get_available_providers()
-            if "CUDAExecutionProvider" in have:
-                res["onnx"] = {"available": True, "runtime": "onnxruntime", "version": ort.__version__,
-                               "providers": have}
-            else:
-                res["onnx"] = {"runtime": "onnxruntime", "version": ort.__version__, "providers": have,
-                               "reason": "onnxruntime has no CUDAExecutionProvider (providers: %s): install "
-                                         "onnxruntime-gpu with CUDA and cuDNN" % ", ".join(have)}
-        except Exception as e:
-            res["onnx"] = {"reason": "onnxruntime is not installed (%s)" % _one_line(e)}
-    elif target == "edgetpu":
-        lib = _EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")
-        try:
-            _, mod = import_tflite()
-        except Unavailable as e:
-            res["tflite"] = {"reason": str(e)}
-            return res
-        import ctypes
-
-        try:
-            ctypes.CDLL(lib)
-        except OSError as e:
-            res["tflite"] = {"library": lib, "reason": "%s not found (install libedgetpu1-std): %s" % (
-                lib, _one_line(e))}
-            return res
-        try:
-            mod.load_delegate(lib)
-            res["tflite"] = {"available": True, "library": lib}
-        except Exception as e:  # noqa: BLE001
-            res["tflite"] = {"library": lib, "reason": "%s loaded but no Edge TPU answered: %s" % (lib, _one_line(e))}
-    else:
-        res["reason"] = "unknown target %s" % target
-    return res
-
-
-def probe(targets):
-    out = {"agent_version": AGENT_VERSION, "python": platform.python_version(), "system": platform.system(),
-           "machine": platform.machine(), "targets": {}}
-    for t in targets:
-        try:
-            out["targets"][t] = probe_target(t)
-        except Exception as e:  # noqa: BLE001
-            out["targets"][t] = {"reason": "probe failed: %s" % _one_line(e)}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Measure one model on one target; prints one JSON object.")
-    p.add_argument("--artifact")
-    p.add_argument("--format", choices=("tflite", "onnx"))
-    p.add_argument("--target", choices=("cpu", "gpu", "edgetpu"), default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="0: the runtime's default")
-    p.add_argument("--runs", type=int, default=50, help="at least this many measured runs")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long")
-    p.add_argument("--max-seconds", type=float, default=None, help="stop measuring after this long")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--inputs", help=".npz of preprocessed float samples (keys: input names or input_0...)")
-    p.add_argument("--profile", action="store_true", help="also profile ops (slower; separate pass)")
-    p.add_argument("--save-outputs", help="write the outputs of up to 8 samples (dequantized) to this .npz")
-    p.add_argument("--delegate", help="Edge TPU delegate library (default libedgetpu.so.1)")
-    p.add_argument("--api", choices=("interpreter", "compiled_model"), default=None,
-                   help="TFLite on cpu: Interpreter (default) or CompiledModel")
-    p.add_argument("--probe", metavar="TARGETS", help="report what this host can run (e.g. cpu,gpu,edgetpu)")
-    p.add_argument("--predict-out", help="predict mode: run every --inputs sample, write the outputs to this .npz")
-    a = p.parse_args(argv)
-    if not a.probe and (not a.artifact or not a.format):
-        p.error("--artifact and --format are required (or --probe)")
-    if a.runs < 1 or a.warmup < 0 or a.min_seconds < 0 or a.threads < 0:
-        p.error("--runs >= 1, --warmup >= 0, --min-seconds >= 0, --threads >= 0")
-    return a
-
-
-def main_with(fn):
+def main_with(fn: Callable[[], dict]) -> int:
     """Run ``fn() -> dict`` with stdout reserved for its one JSON answer; map errors to exit codes."""
     sys.stdout.flush()
     json_fd = os.dup(1)
     os.dup2(2, 1)  # whatever runtimes print goes to stderr
-    if not os.environ.get("XDG_RUNTIME_DIR"):  # one private dir per user, reused (not one per run)
+    if not os.environ.get("XDG_RUNTIME_DIR"):  # GPU drivers want one: one private dir per user, reused
         xdg = os.path.join(tempfile.gettempdir(), "edgepipe-xdg-%d" % (os.getuid() if hasattr(os, "getuid") else 0))
         os.makedirs(xdg, mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = xdg
-    code = 0
     try:
-        out = fn()
+        out, code = fn(), 0
     except Unavailable as e:
-        out = {"agent_version": AGENT_VERSION, "status": "unavailable", "reason": str(e)}
-        code = 3
+        out, code = {"agent_version": AGENT_VERSION, "status": "unavailable", "reason": str(e)}, 3
     except AgentError as e:
-        out = {"agent_version": AGENT_VERSION, "status": "error", "error": str(e)}
-        code = 1
-    except Exception as e:  # noqa: BLE001
+        out, code = {"agent_version": AGENT_VERSION, "status": "error", "error": str(e)}, 1
+    except Exception as e:  # noqa: BLE001 - any failure is this row's, said in one line
         traceback.print_exc()
-        out = {"agent_version": AGENT_VERSION, "status": "error", "error": "%s: %s" % (type(e).__name__, _one_line(e))}
-        code = 1
-    data = (json.dumps(out, default=_json_default) + "\n").encode()
+        out, code = {"agent_version": AGENT_VERSION, "status": "error",
+                     "error": "%s: %s" % (type(e).__name__, one_line(e))}, 1
     sys.stdout.flush()
-    os.write(json_fd, data)
+    data = json.dumps(out, default=lambda o: o.tolist() if isinstance(o, (np.generic, np.ndarray)) else str(o))
+    os.write(json_fd, (data + "\n").encode())
     os.close(json_fd)
     return code
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.probe:
-        return main_with(lambda: probe([t.strip() for t in args.probe.split(",") if t.strip()]))
-    if args.predict_out:
-        return main_with(lambda: run_predict(args))
-    return main_with(lambda: run_agent(args))
-
-
-def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except Exception:
-        pass
-    if isinstance(o, set):
-        return sorted(o)
-    return str(o)
+def main(argv: Optional[List[str]] = None, opener_for: Optional[Callable] = None) -> int:
+    """The agent's command line. ``opener_for(spec)`` -> opener: edgepipe's worker measures a registered runtime."""
+    spec = parse_spec(argv)
+    if spec.predict_out:
+        raise SystemExit("agent.py measures; --predict-out is predict.py's (the agent's predict mode)")
+    opener = opener_for(spec) if opener_for is not None else None
+    return main_with(lambda: run_agent(spec, opener))
 
 
 if __name__ == "__main__":

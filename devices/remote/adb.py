@@ -10,7 +10,7 @@ python3 agent.py ...``) and rows look exactly like local and ssh rows; otherwise
 ``--benchmark-binary`` (given at ``devices add`` or bench time: it cannot be downloaded here), the
 binary is pushed once to ``/data/local/tmp/edgepipe-bin/`` (named by its hash, so it is reused
 until it changes) and runs each TFLite artifact with ``--graph``, ``--num_threads``, ``--use_gpu``,
-``--use_xnnpack``, ``--enable_op_profiling``; devices/benchmark_model.py parses what it prints.
+``--use_xnnpack``, ``--enable_op_profiling``; measure/benchmark_model.py parses what it prints.
 ONNX artifacts need the agent.
 
 Only the system ``adb``, with argument lists; every shell command is one quoted ``sh -c`` string.
@@ -26,11 +26,17 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from edgepipe.pipeline.base.bench import BenchRow
 from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.manifest import Artifact
 
 from edgepipe.devices.measure import benchmark_model as bm
-from edgepipe.devices.measure.bench import BenchRow, BenchSettings, _Job
-from edgepipe.devices.remote.runner import (BENCH_TARGETS, MARK, Device, RemoteRunner, ShellResult, Transport, TransportError, _arch_family, _push_timeout, _tail, check_benchmark_binary, elf_machine)
+from edgepipe.devices.measure.host import signal_name
+from edgepipe.devices.measure.plan import Job
+from edgepipe.devices.measure.settings import BenchSettings
+from edgepipe.devices.remote.registry import Device, arch_family, check_benchmark_binary, elf_machine
+from edgepipe.devices.remote.runner import PROBED_TARGETS, RemoteRunner
+from edgepipe.devices.remote.transport import MARK, ShellResult, Transport, TransportError, push_timeout, tail
 
 ANDROID_TMP = "/data/local/tmp"
 
@@ -46,12 +52,12 @@ def classify(text: str, device: Device) -> TransportError:
                               "Reconnect the cable (or `adb reconnect`), then retry")
     if "not found" in low or "no devices" in low or "cannot connect" in low or "failed to connect" in low \
             or "connection refused" in low or "unable to connect" in low:
-        return TransportError(f"{where} is not connected: {_tail(text, 1)}", "unreachable",
+        return TransportError(f"{where} is not connected: {tail(text, 1)}", "unreachable",
                               "Check `adb devices` lists it (for adb over TCP: the phone's IP and port, and "
                               "`adb tcpip 5555` on the phone)")
     if "closed" in low or "protocol fault" in low:
-        return TransportError(f"lost the adb connection to {where}: {_tail(text, 1)}", "lost")
-    return TransportError(f"adb failed for {where}: {_tail(text, 2) or 'no message'}", "error")
+        return TransportError(f"lost the adb connection to {where}: {tail(text, 1)}", "lost")
+    return TransportError(f"adb failed for {where}: {tail(text, 2) or 'no message'}", "error")
 
 
 class ADBTransport(Transport):
@@ -182,8 +188,7 @@ class ADBRunner(RemoteRunner):
             self.mode_reason = (f"{self.name} has no Python with numpy ({py}) and no benchmark_model binary was "
                                 f"given: pass --benchmark-binary PATH (TFLite's benchmark_model built for the "
                                 f"device's ABI) at `devices add` or bench time")
-            self._probe = {t: {"tflite": {"reason": self.mode_reason}, "onnx": {"reason": self.mode_reason}}
-                           for t in BENCH_TARGETS}
+            self._probe = self._everywhere(self.mode_reason)
             return
         self.mode = "benchmark_model"
         self._probe = self._probe_benchmark_model()
@@ -193,9 +198,9 @@ class ADBRunner(RemoteRunner):
                           f"numpy and onnxruntime on the device (--via agent) for ONNX"}
         abi = (self._facts or {}).get("cpu", {}).get("abi") or (self._facts or {}).get("cpu", {}).get("arch")
         built = elf_machine(self.binary) if self.binary else None
-        if built and abi and _arch_family(built) != _arch_family(abi):
+        if built and abi and arch_family(built) != arch_family(abi):
             why = f"benchmark binary {self.binary} is built for {built} but {self.name} is {abi}: build it for {abi}"
-            return {t: {"tflite": {"reason": why}, "onnx": onnx} for t in BENCH_TARGETS}
+            return {t: {"tflite": {"reason": why}, "onnx": onnx} for t in PROBED_TARGETS}
         base = {"available": True, "runtime": "benchmark_model", "binary": str(self.binary), "built_for": built}
         return {"cpu": {"tflite": {**base, "delegate": "xnnpack"}, "onnx": onnx},
                 "gpu": {"tflite": {**base, "delegate": "gpu",
@@ -228,30 +233,29 @@ class ADBRunner(RemoteRunner):
         lines = res.stdout.strip().splitlines()
         if res.rc != 0 or not lines or not lines[0].startswith("/"):
             raise TransportError(f"cannot make a directory for benchmark_model on {self.name}: "
-                                 f"{_tail(res.stderr or res.stdout, 1)}", "error")
+                                 f"{tail(res.stderr or res.stdout, 1)}", "error")
         target = lines[0].strip()
         if "present" not in lines[1:]:
             staging = target.rsplit("/", 1)[0]
             tmp_name = Path(self.binary).name
-            self.t.push([self.binary], staging, _push_timeout([self.binary], self.step_timeout))
+            self.t.push([self.binary], staging, push_timeout([self.binary], self.step_timeout))
             res = self.t.shell(f"cd {shlex.quote(staging)} && mv -f -- {shlex.quote(tmp_name)} {shlex.quote(target)}"
                                f" && chmod 755 {shlex.quote(target)}", self.step_timeout)
             if res.rc != 0:
-                raise TransportError(f"cannot install benchmark_model on {self.name}: {_tail(res.stderr, 1)}", "error")
+                raise TransportError(f"cannot install benchmark_model on {self.name}: {tail(res.stderr, 1)}", "error")
             self.binary_pushed = True
         else:
             self.binary_pushed = False
         self._remote_binary = target
         return target
 
-    def plan(self, art, target: str, folder: Path):
+    def plan(self, art: Artifact, target: str, folder: Path) -> tuple[BenchRow, Optional[Job]]:
         row, job = super().plan(art, target, folder)
         if job is not None and self.mode == "benchmark_model":
             row.runtime = "benchmark_model"
-            job.runtime_name = "benchmark_model"
         return row, job
 
-    def run(self, job: _Job, s: BenchSettings, threads: int, inputs: Optional[Path],
+    def run(self, job: Job, s: BenchSettings, threads: int, inputs: Optional[Path],
             outputs: Optional[Path]) -> BenchRow:
         if self.mode != "benchmark_model":
             return super().run(job, s, threads, inputs, outputs)
@@ -264,9 +268,9 @@ class ADBRunner(RemoteRunner):
         try:
             binary = self._ensure_binary()
             d = self.mktemp()
-            self.t.push([job.path], d, _push_timeout([job.path], self.step_timeout))
+            self.t.push([job.path], d, push_timeout([job.path], self.step_timeout))
             argv = bm.command(binary, f"{d}/{job.path.name}", row.target, threads, s.runs, s.min_seconds, s.warmup,
-                              max_secs=max(s.min_seconds, 0.5 * s.timeout_s), profile=s.profile)
+                              max_secs=s.max_seconds, profile=s.profile)
             res = self.t.shell(self.run_script(d, argv, s.timeout_s, merge_stderr=True),
                                s.timeout_s + self.step_timeout)
             self._finish_bm(row, res, s)
@@ -282,24 +286,22 @@ class ADBRunner(RemoteRunner):
         if res.rc is None:
             e = self.t.failure(res, "benchmark_model")
             row.status, row.reason = "failed", f"{self.name}: {e.one_line()}"
-            row.stderr_tail = _tail(text, 6, 1500) or None
+            row.stderr_tail = tail(text, 6, 1500) or None
             return
         parsed = bm.parse(text)
-        row.stderr_tail = _tail(text, 6, 1500) or None
+        row.stderr_tail = tail(text, 6, 1500) or None
         if res.rc in (124, 137) and not parsed.complete:
             row.status = "failed"
             row.reason = f"timed out on {self.name} after {s.timeout_s:.0f} s (killed by the device's timeout)"
             return
         if res.rc > 128 and not parsed.complete:
-            from edgepipe.devices.measure.host import signal_name
-
             row.status, row.signal = "failed", signal_name(-(res.rc - 128))
             row.reason = f"benchmark_model crashed with {row.signal} on {self.name}"
             return
         if res.rc == 126 or res.rc == 127:
             row.status = "failed"
             row.reason = (f"benchmark_model could not be started on {self.name} (exit {res.rc}: "
-                          f"{_tail(text, 1)}): is the binary built for this device?")
+                          f"{tail(text, 1)}): is the binary built for this device?")
             return
         if res.rc != 0 or not parsed.complete:
             row.status = "failed"

@@ -1,15 +1,21 @@
-"""The Edge TPU runtime: compiled artifacts through LiteRT with ``libedgetpu.so.1``."""
+"""The Edge TPU runtime: compiled artifacts through LiteRT with ``libedgetpu.so.1`` (the agent's
+TFLiteSession with the Edge TPU delegate). Whether an artifact is compiled for the Edge TPU is read
+from its graph (an ``edgetpu-custom-op`` node), not guessed from its name."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
 import glob
+import platform
 from pathlib import Path
 from typing import Optional
 
+from edgepipe.pipeline.base.util import pkg_version
+
 from edgepipe.devices.graph.tflite_graph import EDGETPU_CUSTOM_OP, read_tflite
-from edgepipe.devices.runtimes.base import RunOptions, Runtime
+from edgepipe.devices.onboard import agent
+from edgepipe.devices.runtimes.base import MeasureSpec, Runtime, Session
 
 NOT_COMPILED_REASON = ("artifact is not compiled for the Edge TPU: run edgetpu_compiler or export "
                        "--formats edgetpu on a host with the compiler")
@@ -18,9 +24,7 @@ _USB_IDS = {("1a6e", "089a"), ("18d1", "9302")}  # Coral USB Accelerator before/
 
 
 def edgetpu_library_name() -> str:
-    import platform
-
-    return {"Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}.get(platform.system(), "libedgetpu.so.1")
+    return agent.EDGETPU_LIBS.get(platform.system(), "libedgetpu.so.1")
 
 
 def find_edgetpu_devices() -> list[str]:
@@ -38,12 +42,7 @@ def find_edgetpu_devices() -> list[str]:
 
 
 def load_edgetpu_delegate(options: Optional[dict] = None):
-    lib = edgetpu_library_name()
-    try:
-        from ai_edge_litert.interpreter import load_delegate  # type: ignore
-    except Exception:  # pragma: no cover - old boards only
-        from tflite_runtime.interpreter import load_delegate  # type: ignore
-    return load_delegate(lib, options or {})
+    return agent.import_tflite()[1].load_delegate(edgetpu_library_name(), options or {})
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +61,7 @@ def _availability() -> Optional[str]:
                 "accelerator 1a6e:089a or 18d1:9302): connect a Coral device")
     try:
         load_edgetpu_delegate()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the reason is the answer
         return f"the Edge TPU delegate failed to load on {', '.join(devices)}: {e}"
     return None
 
@@ -71,66 +70,34 @@ class EdgeTPURuntime(Runtime):
     name = "litert-edgetpu"
     target = "edgetpu"
     formats = ("tflite", "edgetpu")
+    agent_format = "tflite"
+    load_hint = "Compile the int8 artifact with edgetpu_compiler and connect a Coral device"
 
     def available(self) -> Optional[str]:
         try:
-            from edgepipe.devices.runtimes.litert import import_interpreter
-
-            import_interpreter()
-        except Exception as e:  # pragma: no cover
-            return f"no TFLite interpreter: pip install ai-edge-litert ({e})"
+            agent.import_tflite()
+        except agent.Unavailable as e:
+            return str(e)
         return _availability()
 
-    def check(self, path, fmt) -> Optional[str]:
-        if fmt not in self.formats:
-            return f"{self.name} on {self.target} runs {', '.join(self.formats)} artifacts, not {fmt}"
-        p = Path(path)
-        if not p.exists():
-            return f"artifact {path} is missing"
+    def artifact_reason(self, path, fmt) -> Optional[str]:
+        why = super().artifact_reason(path, fmt)
+        if why:
+            return why
         try:
-            compiled = read_tflite(p, keep_constants=False).is_edgetpu_compiled
-        except Exception as e:
+            compiled = read_tflite(Path(path), keep_constants=False).is_edgetpu_compiled
+        except Exception as e:  # noqa: BLE001 - an unreadable file is a reason, not a crash
             return f"artifact {path} is not a readable TFLite model ({getattr(e, 'message', e)})"
-        if not compiled:
-            return NOT_COMPILED_REASON
-        return self.available()
+        return None if compiled else NOT_COMPILED_REASON
 
-    def load(self, path, options=None):
-        return EdgeTPUSession(Path(path), options or RunOptions())
+    def load(self, path: str | Path, spec: Optional[MeasureSpec] = None) -> Session:
+        session = super().load(path, spec)
+        ops = read_tflite(Path(path), keep_constants=False).main.operators
+        custom = sum(1 for op in ops if op.custom_code == EDGETPU_CUSTOM_OP)
+        session.facts = {**session.facts, "edgetpu_subgraphs": custom, "cpu_ops": len(ops) - custom,
+                         "devices": find_edgetpu_devices()}
+        return session
 
     def versions(self) -> dict:
-        from edgepipe.pipeline.base.util import pkg_version
-
         return {"libedgetpu": ctypes.util.find_library("edgetpu"), "ai-edge-litert": pkg_version("ai-edge-litert"),
                 "tflite-runtime": pkg_version("tflite-runtime")}
-
-
-def _session_base():
-    from edgepipe.devices.runtimes.litert import LiteRTSession
-
-    return LiteRTSession
-
-
-class EdgeTPUSession(_session_base()):
-    """A LiteRT interpreter with the Edge TPU delegate; run_native is LiteRT's."""
-
-    def __init__(self, path: Path, options: RunOptions):  # noqa: D401 - same contract as LiteRTSession
-        from edgepipe.devices.runtimes.litert import _tensor_info, import_interpreter
-
-        Interpreter, self.module = import_interpreter()
-        delegate = load_edgetpu_delegate(options.extra.get("edgetpu_options"))
-        kw = {}
-        if options.threads:
-            kw["num_threads"] = int(options.threads)
-        self.interp = Interpreter(model_path=str(path), experimental_delegates=[delegate], **kw)
-        self.interp.allocate_tensors()
-        self._in = self.interp.get_input_details()
-        self._out = self.interp.get_output_details()
-        self.inputs = [_tensor_info(d) for d in self._in]
-        self.outputs = [_tensor_info(d) for d in self._out]
-        graph = read_tflite(path, keep_constants=False)
-        n_custom = sum(1 for op in graph.main.operators if op.custom_code == EDGETPU_CUSTOM_OP)
-        self.facts = {"runtime": self.module, "delegate": "edgetpu", "threads": options.threads,
-                      "edgetpu_subgraphs": n_custom,
-                      "cpu_ops": sum(1 for op in graph.main.operators if op.custom_code != EDGETPU_CUSTOM_OP),
-                      "devices": find_edgetpu_devices()}

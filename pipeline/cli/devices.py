@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from edgepipe.devices.measure import host
-from edgepipe.devices.remote.runner import Registry, make_device, make_runner
+from edgepipe.devices import Registry, make_device, make_runner
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.cli.common import console, emit_json, table
 
