@@ -13,15 +13,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CONTRACTS = ("top", "pipeline", "base", "independence", "devices", "acyclic")
 
-# Contracts the devices/ and export/ restructuring has still to satisfy, with what breaks them
-# today. Empty this when those land: the test then holds every contract to KEPT.
-KNOWN_BROKEN = {
-    "top": "export.tflite/onnx/edgetpu import devices.runtimes / devices.graph (verification, placement)",
-    "independence": "the same export -> devices imports",
-    "devices": "devices.runtimes.litert_gpu imports devices.measure.host",
-    "acyclic": "devices: runtimes <-> measure, measure.report <-> bench, remote.runner <-> adb/ssh",
-}
-
 
 def _lint_imports() -> str:
     exe = Path(sys.executable).with_name("lint-imports")
@@ -37,11 +28,7 @@ def test_import_contract(contract):
                          text=True, timeout=300)
     out = res.stdout + res.stderr
     assert "Contracts: " in out, out[-3000:]  # it ran (a bad configuration prints no summary)
-    kept = res.returncode == 0
-    if contract in KNOWN_BROKEN:
-        assert not kept, f"contract '{contract}' is now kept: remove it from KNOWN_BROKEN"
-        pytest.xfail(f"known, until devices/ and export/ are restructured: {KNOWN_BROKEN[contract]}")
-    assert kept, out[-4000:]
+    assert res.returncode == 0, out[-4000:]
 
 
 def _modules_after(code: str) -> dict:
