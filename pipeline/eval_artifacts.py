@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from edgepipe.devices.measure.host import probe_target
-from edgepipe.devices.runtimes.base import RunOptions, Runtime, dequantize, quantize, runtimes_for
+from edgepipe.devices import RunOptions, Runtime, dequantize, quantize, runtimes_for
 from edgepipe.pipeline.base.errors import UnsupportedArtifact
 from edgepipe.pipeline.base.evaluation import EvalRow, classification_metrics, drops
 from edgepipe.pipeline.base.manifest import Artifact, artifact_problem

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from edgepipe.devices import Registry, TransportError, make_runner
-from edgepipe.devices.runtimes.base import runtimes_for
+from edgepipe.devices import runtimes_for
 from edgepipe.pipeline.base.evaluation import EvalRow
 from edgepipe.pipeline.base.manifest import Artifact
 from edgepipe.pipeline.eval_artifacts import EvalContext, artifact_path, base_row, metrics_row, pick_output

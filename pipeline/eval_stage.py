@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from edgepipe.devices import Registry
-from edgepipe.devices.runtimes.base import parse_targets
+from edgepipe.devices import parse_targets
 from edgepipe.pipeline import standalone
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.evaluation import (EVAL_NAME, METRICS, EvalResult, EvalRow, classification_metrics,

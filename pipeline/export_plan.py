@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from edgepipe.devices.runtimes.base import parse_targets
+from edgepipe.devices import parse_targets
 from edgepipe.export import CALIBRATED, PRECISIONS, FormatOptions, default_formats, format_class, formats, option_keys
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.calibration import Reader, calib_hint, make_reader

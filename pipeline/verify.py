@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from edgepipe.devices.runtimes.base import Runtime, runtimes_for
+from edgepipe.devices import Runtime, runtimes_for, to_tensor_info
 from edgepipe.export import format_class
 from edgepipe.pipeline.base.manifest import TensorInfo, Verification
 from edgepipe.pipeline.base.records import VerificationSet
@@ -186,7 +186,7 @@ def describe_io(path: Path, fmt: str) -> tuple[list[TensorInfo], list[TensorInfo
     if why:
         raise LookupError(why)
     with rt.load(path) as s:
-        return list(s.inputs), list(s.outputs)
+        return [to_tensor_info(t) for t in s.inputs], [to_tensor_info(t) for t in s.outputs]
 
 
 def run_artifact(path: Path, fmt: str, raw: np.ndarray, data: np.ndarray,
