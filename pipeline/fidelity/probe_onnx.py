@@ -13,6 +13,7 @@ a Relu/Clip the quantizer folds away, the node before it.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
@@ -29,6 +30,13 @@ from edgepipe.pipeline.fidelity.sources import OnnxQuant
 
 Q_SUFFIX = "_QuantizeLinear_Output"
 REMOVABLE = ("Relu", "Clip")
+
+
+class _NoPreprocessAdvice(logging.Filter):
+    """quantize_static logs the same pre-processing advice on every call: once per report is plenty."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
 
 
 class _Reader:
@@ -191,7 +199,13 @@ class OnnxProbe(LayerProbe):
 
         cache = self._dir() / "calibration.json"
         reader = None if cache.exists() else _Reader(self.input_name, self.calibration.data)
-        quantize_static(str(self.fp32), str(dest), reader, calibration_cache_path=str(cache), **self.quant.kwargs(), **kw)
+        quiet = _NoPreprocessAdvice()
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_static(str(self.fp32), str(dest), reader, calibration_cache_path=str(cache),
+                            **self.quant.kwargs(), **kw)
+        finally:
+            logging.getLogger().removeFilter(quiet)
         return dest
 
     def isolated(self, info: LayerInfo):
@@ -199,7 +213,9 @@ class OnnxProbe(LayerProbe):
         self._quantize(dest, nodes_to_quantize=self.group(info.tensor))
         m = onnx.load(str(dest))
         elem = onnx.helper.np_dtype_to_tensor_dtype(self.qparams[info.tensor][2])
-        sess = _session(_with_outputs(m, {info.tensor + Q_SUFFIX: elem}))
+        made = {o for n in m.graph.node for o in n.output}
+        extra = {info.tensor + Q_SUFFIX: elem} if info.tensor + Q_SUFFIX in made else {}
+        sess = _session(_with_outputs(m, extra))  # (an op like MaxPool alone keeps its input's quantization)
         names = [o.name for o in sess.get_outputs()]
         inits = _inits(m)
         qn = next((n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == info.tensor), None)
