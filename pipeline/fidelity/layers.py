@@ -145,6 +145,10 @@ def _clean(d: dict) -> dict:
     return out
 
 
+# one image (raw pixels, preprocessed data) -> (the layer's tensor or None, the model output)
+ImageRunner = Callable[[np.ndarray, np.ndarray], tuple[Optional[np.ndarray], np.ndarray]]
+
+
 class LayerProbe:
     """What the report needs from a format. Subclasses: probe_tflite / probe_onnx / probe_coreml."""
 
@@ -168,7 +172,7 @@ class LayerProbe:
         """None when single-layer variants can be built, else why not."""
         return "not offered for this format"
 
-    def isolated(self, info: LayerInfo) -> Callable[[np.ndarray, np.ndarray], tuple[Optional[np.ndarray], np.ndarray]]:
+    def isolated(self, info: LayerInfo) -> ImageRunner:
         """A runner for the model with only ``info`` quantized: image -> (its tensor, model output)."""
         raise NotImplementedError
 
@@ -198,7 +202,8 @@ def _agreement(ref: list[np.ndarray], got: list[np.ndarray]) -> Optional[float]:
     return 100.0 * float(np.mean(r.argmax(1) == g.argmax(1)))
 
 
-def accumulated_pass(probe: LayerProbe, infos: list[LayerInfo], images: Calibration, samples: int):
+def accumulated_pass(probe: LayerProbe, infos: list[LayerInfo], images: Calibration,
+                     samples: int) -> tuple[dict, Accumulator, list, list]:
     """Artifact vs reference on every image: per-layer accumulators, output accumulator, outputs."""
     accs = {i.tensor: Accumulator() for i in infos}
     out_acc = Accumulator()

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from edgepipe.devices.runtimes.coreml_ref import IOSpec, MilModel, load_program
-from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe
+from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe, ImageRunner
 from edgepipe.pipeline.fidelity.names import display, layers_in_flat
 
 SUFFIXES = ("_quantized", "_cast_fp16", "_to_fp16")
@@ -134,13 +134,13 @@ class CoreMLProbe(LayerProbe):
         spec = next(s for s in model.outputs if s.kind in ("tensor", "probabilities"))
         return np.asarray(res[spec.name], np.float32)
 
-    def run(self, raw, data):
+    def run(self, raw: np.ndarray, data: np.ndarray) -> tuple[dict, dict, np.ndarray, np.ndarray]:
         a, r = self._predict(self.art, raw, data), self._predict(self.ref, raw, data)
         got = {i.tensor: np.asarray(a[i.tensor], np.float32) for i in self._infos}
         ref = {i.tensor: np.asarray(r[self.ref_vars[norm(i.tensor)]], np.float32) for i in self._infos}
         return ref, got, self._first_output(self.ref, r), self._first_output(self.art, a)
 
-    def reference_tensors(self, raw, data, names):
+    def reference_tensors(self, raw: np.ndarray, data: np.ndarray, names: set[str]) -> dict:
         r = self._predict(self.ref, raw, data)
         return {n: np.asarray(r[self.ref_vars[norm(n)]], np.float32) for n in names}
 
@@ -159,11 +159,11 @@ class CoreMLProbe(LayerProbe):
             self._swapped[target] = old
             self.iso.consts[target] = np.asarray(self.art.consts[w]).astype(np.asarray(old).dtype)
 
-    def isolated(self, info: LayerInfo):
+    def isolated(self, info: LayerInfo) -> ImageRunner:
         self._swap(info.facts.get("quantized_weights", []))
         var = self.ref_vars[norm(info.tensor)]
 
-        def run(raw, data):
+        def run(raw: np.ndarray, data: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
             r = self._predict(self.iso, raw, data)
             return np.asarray(r[var], np.float32), self._first_output(self.iso, r)
 

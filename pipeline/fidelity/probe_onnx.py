@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from edgepipe.pipeline.base.records import Calibration
-from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe
+from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe, ImageRunner
 from edgepipe.pipeline.fidelity.names import display, layers_in
 from edgepipe.pipeline.fidelity.sources import OnnxQuant
 
@@ -43,7 +43,7 @@ class _Reader:
     def __init__(self, name: str, data: np.ndarray):
         self.name, self.it = name, iter(data[i:i + 1] for i in range(data.shape[0]))
 
-    def get_next(self):
+    def get_next(self) -> Optional[dict]:
         x = next(self.it, None)
         return None if x is None else {self.name: x}
 
@@ -83,7 +83,8 @@ class OnnxProbe(LayerProbe):
         self.qinit = _inits(self.qmodel)
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         self._infos = self._scan()
-        self._qsess = _session(_with_outputs(self.qmodel, {i.tensor + Q_SUFFIX: i.facts.pop("_elem") for i in self._infos}))
+        exposed = {i.tensor + Q_SUFFIX: self._elem(i.tensor) for i in self._infos}
+        self._qsess = _session(_with_outputs(self.qmodel, exposed))
         self._fsess = _session(_with_outputs(self.fmodel, {i.tensor: onnx.TensorProto.FLOAT for i in self._infos}))
 
     # -- structure -------------------------------------------------------------------------
@@ -103,13 +104,17 @@ class OnnxProbe(LayerProbe):
             self.qparams[x] = (float(np.ravel(scale)[0]), int(np.ravel(zp)[0]), zp.dtype)
             p = producer.get(x)
             op = p.op_type if p is not None else "INPUT"
-            facts = {"_elem": onnx.helper.np_dtype_to_tensor_dtype(zp.dtype), "qrange": self._qrange(x),
+            facts = {"qrange": self._qrange(x),
                      **(self._node_facts(p, producer) if p is not None else {})}
             layer = display(layers_in(x, self.known) + (layers_in(p.name, self.known) if p else [])
                             + self._weight_layers(p), (p.name if p is not None else x))
             ins = [self._src(i, producer) for i in p.input] if p is not None else []
             infos.append(LayerInfo(x, op, layer, [i for i in ins if i], "NCHW", facts, isolable=p is not None))
         return infos
+
+    def _elem(self, x: str) -> int:
+        """The ONNX element type of x's quantized form (uint8 or int8)."""
+        return onnx.helper.np_dtype_to_tensor_dtype(self.qparams[x][2])
 
     def _qrange(self, x: str) -> tuple[float, float]:
         s, z, dt = self.qparams[x]
@@ -156,7 +161,7 @@ class OnnxProbe(LayerProbe):
         s, z, _ = self.qparams[x]
         return (v.astype(np.float32) - z) * s
 
-    def run(self, raw, data):
+    def run(self, raw: np.ndarray, data: np.ndarray) -> tuple[dict, dict, np.ndarray, np.ndarray]:
         names = [i.tensor for i in self._infos]
         feed = {self.input_name: np.ascontiguousarray(data, np.float32)}
         qo = self._qsess.run(None, feed)
@@ -167,7 +172,7 @@ class OnnxProbe(LayerProbe):
         ref = {n: np.asarray(fd[n], np.float32) for n in names if n in fd}
         return ref, got, np.asarray(fo[0], np.float32), np.asarray(qo[0], np.float32)
 
-    def reference_tensors(self, raw, data, names):
+    def reference_tensors(self, raw: np.ndarray, data: np.ndarray, names: set[str]) -> dict:
         fo = self._fsess.run(None, {self.input_name: np.ascontiguousarray(data, np.float32)})
         fd = dict(zip((o.name for o in self._fsess.get_outputs()), fo))
         return {n: np.asarray(fd[n], np.float32) for n in names if n in fd}
@@ -208,19 +213,18 @@ class OnnxProbe(LayerProbe):
             logging.getLogger().removeFilter(quiet)
         return dest
 
-    def isolated(self, info: LayerInfo):
+    def isolated(self, info: LayerInfo) -> ImageRunner:
         dest = self._dir() / "isolated.onnx"
         self._quantize(dest, nodes_to_quantize=self.group(info.tensor))
         m = onnx.load(str(dest))
-        elem = onnx.helper.np_dtype_to_tensor_dtype(self.qparams[info.tensor][2])
         made = {o for n in m.graph.node for o in n.output}
-        extra = {info.tensor + Q_SUFFIX: elem} if info.tensor + Q_SUFFIX in made else {}
+        extra = {info.tensor + Q_SUFFIX: self._elem(info.tensor)} if info.tensor + Q_SUFFIX in made else {}
         sess = _session(_with_outputs(m, extra))  # (an op like MaxPool alone keeps its input's quantization)
         names = [o.name for o in sess.get_outputs()]
         inits = _inits(m)
         qn = next((n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == info.tensor), None)
 
-        def run(raw, data):
+        def run(raw: np.ndarray, data: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
             outs = dict(zip(names, sess.run(None, {self.input_name: np.ascontiguousarray(data, np.float32)})))
             t = outs.get(info.tensor + Q_SUFFIX)
             if t is not None and qn is not None:

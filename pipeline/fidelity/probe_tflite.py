@@ -18,7 +18,7 @@ import numpy as np
 
 from edgepipe.devices.graph.tflite_graph import TFLiteGraph, read_tflite, read_tflite_bytes
 from edgepipe.devices.runtimes.litert import import_interpreter
-from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe
+from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe, ImageRunner
 from edgepipe.pipeline.fidelity.names import display, layers_in
 
 WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1}
@@ -184,13 +184,13 @@ class TFLiteProbe(LayerProbe):
     def _names(self) -> list[str]:
         return [i.tensor for i in self.layers()]
 
-    def run(self, raw, data):
+    def run(self, raw: np.ndarray, data: np.ndarray) -> tuple[dict, dict, np.ndarray, np.ndarray]:
         names = self._names()
         ref, ref_out = self.ref.run(data, names)
         got, got_out = self.art.run(data, names)
         return ref, got, ref_out, got_out
 
-    def reference_tensors(self, raw, data, names):
+    def reference_tensors(self, raw: np.ndarray, data: np.ndarray, names: set[str]) -> dict:
         return self.ref.run(data, names)[0]
 
     def isolation(self) -> Optional[str]:
@@ -201,11 +201,11 @@ class TFLiteProbe(LayerProbe):
     def quantizable(self) -> list[str]:
         return [i.tensor for i in self.layers() if i.isolable]
 
-    def isolated(self, info: LayerInfo):
+    def isolated(self, info: LayerInfo) -> ImageRunner:
         others = [n for n in self.quantizable() if n != info.tensor]
         runner = Runner(self.requantize(others, False))
 
-        def run(raw, data):
+        def run(raw: np.ndarray, data: np.ndarray) -> tuple[Optional[np.ndarray], np.ndarray]:
             runner.invoke(data)
             return runner.tensor(info.tensor), runner.output()
 
