@@ -135,3 +135,19 @@ def test_scores_and_bad_input():
     wide = S.paired_drop(np.zeros(50, int), np.zeros(50, int), np.zeros(50, int), confidence=0.99)
     narrow = S.paired_drop(np.zeros(50, int), np.zeros(50, int), np.zeros(50, int), confidence=0.9)
     assert wide.high > narrow.high
+
+
+def test_counts_give_the_same_result_as_predictions():
+    rng = np.random.default_rng(5)
+    src, art, lab = draw(rng, 400, 0.03, 0.01)
+    lab = lab + (rng.random(400) < 0.5)  # two classes
+    a = S.paired_drop(src, art, lab, budget=1.0, class_budget=5.0)
+    b = S.drop_from_counts(400, a.lost, a.gained, source_correct=int((src == lab).sum()),
+                           per_class=S.class_counts(src, art, lab), budget=1.0, class_budget=5.0)
+    assert (a.drop, a.low, a.high, a.verdict, a.needed, a.mcnemar_p) == (b.drop, b.low, b.high, b.verdict, b.needed,
+                                                                        b.mcnemar_p)
+    assert a.artifact_value == pytest.approx(b.artifact_value) and a.worst_class == b.worst_class
+    c = S.drop_from_counts(450, 3, metric="agreement", budget=1.0)  # eval.json: samples, agreement 99.33%
+    assert c.artifact_value == pytest.approx(100 * 447 / 450) and c.verdict == "inconclusive"
+    with pytest.raises(ValueError, match="metric"):
+        S.drop_from_counts(10, 1, metric="top5")

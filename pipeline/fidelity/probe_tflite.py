@@ -158,7 +158,7 @@ class TFLiteProbe(LayerProbe):
         self.requantize = requantize
         self.known = set(known_layers) if known_layers is not None else None
         self.reference = reference_name
-        self.fully_quantized = np.dtype(self.art._in["dtype"]).kind != "f"
+        self.io_dtype = np.dtype(self.art._in["dtype"]).name
         self._infos: Optional[list[LayerInfo]] = None
 
     def layers(self) -> list[LayerInfo]:
@@ -225,7 +225,10 @@ class TFLiteProbe(LayerProbe):
         """Write the artifact re-quantized with ``float_layers`` (tensor names) kept float, same I/O."""
         if self.requantize is None:
             raise RuntimeError(self.isolation())
-        data = self.requantize(self.float_nodes(float_layers), self.fully_quantized)
+        if self.io_dtype == "uint8":  # the debugger writes int8 or float I/O only
+            raise RuntimeError("TFLite's quantization debugger cannot keep uint8 I/O: export with --int8-io int8 "
+                               "or float32 to recover by float fallback")
+        data = self.requantize(self.float_nodes(float_layers), self.io_dtype != "float32")
         read_tflite_bytes(data, "fallback")  # refuse to write something LiteRT cannot read
         dest.write_bytes(data)
         return dest

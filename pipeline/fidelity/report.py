@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from edgepipe.devices.graph.tflite_graph import read_tflite
 from edgepipe.export.base import ExportOptions
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.records import Calibration, Traced
@@ -43,6 +44,9 @@ def make_probe(fmt: str, artifact: Path, workdir: Path, *, traced: Optional[Trac
                calibration_record: Optional[dict] = None) -> LayerProbe:
     """The probe for one artifact, with a float reference built from ``traced`` when none is given."""
     cls = probe_class(fmt)
+    if fmt == "edgetpu" and read_tflite(artifact, keep_constants=False).is_edgetpu_compiled:
+        raise UserError(f"{Path(artifact).name} is compiled for the Edge TPU and runs only there",
+                        "Report the full-int8 TFLite artifact it was compiled from (the tflite-int8 artifact)")
     if reference is None:
         if traced is None:
             raise UserError(f"a per-layer report of {Path(artifact).name} needs a float reference",

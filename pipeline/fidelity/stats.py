@@ -20,6 +20,9 @@ Intervals (two-sided, at ``confidence``; figures in percentage points):
 * ``method="bootstrap"``: paired percentile bootstrap (images resampled with both
   predictions), seeded; for comparison, it under-covers when flips are rare.
 
+``paired_drop`` takes the predictions; ``drop_from_counts`` the same from counts alone (images,
+flips, per-class flips), which is what eval.json can carry for ``edgepipe check``.
+
 Verdict against a budget (max drop in points): ``pass`` when the whole interval lies at or
 under the budget, ``fail`` when it lies wholly over it, else ``inconclusive`` with
 ``needed``: the number of images at which the interval, at the observed flip rates, would
@@ -246,19 +249,60 @@ def _flips(src: np.ndarray, art: np.ndarray, labels: Optional[np.ndarray]) -> tu
     return int((src_ok & ~art_ok).sum()), int((~src_ok & art_ok).sum())
 
 
-def _class_drops(src: np.ndarray, art: np.ndarray, labels: Optional[np.ndarray],
-                 confidence: float) -> list[ClassDrop]:
-    metric = "agreement" if labels is None else "top1"
+def class_counts(src: np.ndarray, art: np.ndarray, labels: Optional[np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """(class, images, lost, gained) per class: by label, or by the source's prediction without labels."""
     groups = src if labels is None else labels
     out = []
     for k in np.unique(groups):
         m = groups == k
-        n = int(m.sum())
         lost, gained = _flips(src[m], art[m], None if labels is None else labels[m])
+        out.append((int(k), int(m.sum()), lost, gained))
+    return out
+
+
+def _class_drops(metric: str, counts: Sequence[tuple[int, int, int, int]], confidence: float) -> list[ClassDrop]:
+    out = []
+    for k, n, lost, gained in counts:
+        if n <= 0:
+            continue
         lo, hi = _interval(metric, lost, gained, n, confidence)
-        out.append(ClassDrop(int(k), n, 100.0 * (lost - gained) / n, 100.0 * lo, 100.0 * hi, lost, gained))
+        out.append(ClassDrop(int(k), int(n), 100.0 * (lost - gained) / n, 100.0 * lo, 100.0 * hi, int(lost),
+                             int(gained)))
     out.sort(key=lambda c: (-c.drop, -c.high, c.cls))
     return out
+
+
+def drop_from_counts(n: int, lost: int, gained: int = 0, *, metric: str = "top1",
+                     source_correct: Optional[int] = None,
+                     per_class: Optional[Sequence[tuple[int, int, int, int]]] = None,
+                     confidence: float = 0.95, budget: Optional[float] = None,
+                     class_budget: Optional[float] = None) -> DropResult:
+    """The same result from counts alone, e.g. what eval.json records per row.
+
+    top1: ``lost``/``gained`` are the flips (right -> wrong / wrong -> right) and
+    ``source_correct`` the source's correct count; agreement: ``lost`` is the number of
+    disagreements (``gained`` is 0). ``per_class``: (class, images, lost, gained) tuples.
+    """
+    if metric not in ("top1", "agreement"):
+        raise ValueError("metric must be top1 or agreement")
+    if n <= 0:
+        raise ValueError("no predictions")
+    lo, hi = _interval(metric, lost, gained, n, confidence)
+    if metric == "top1":
+        src_v = None if source_correct is None else 100.0 * source_correct / n
+        art_v = None if source_correct is None else 100.0 * (source_correct - lost + gained) / n
+    else:
+        src_v, art_v = None, 100.0 * (n - lost) / n
+    res = DropResult(metric=metric, n=int(n), drop=100.0 * (lost - gained) / n, low=100.0 * lo, high=100.0 * hi,
+                     confidence=confidence, method="tango-score" if metric == "top1" else "wilson-score",
+                     source_value=src_v, artifact_value=art_v, lost=int(lost), gained=int(gained),
+                     mcnemar_p=mcnemar_exact_p(lost, gained) if metric == "top1" else None,
+                     budget=budget, class_budget=class_budget)
+    res.per_class = _class_drops(metric, per_class or [], confidence)
+    res.worst_class = res.per_class[0] if res.per_class else None
+    if budget is not None:
+        _decide(res, lost / n, gained / n)
+    return res
 
 
 def paired_drop(source_pred, artifact_pred, labels=None, *, confidence: float = 0.95,
@@ -281,23 +325,15 @@ def paired_drop(source_pred, artifact_pred, labels=None, *, confidence: float = 
     n = int(src.shape[0])
     if n == 0:
         raise ValueError("no predictions")
-    metric = "agreement" if lab is None else "top1"
     lost, gained = _flips(src, art, lab)
-    drop = (lost - gained) / n
+    res = drop_from_counts(n, lost, gained, metric="agreement" if lab is None else "top1",
+                           source_correct=None if lab is None else int((src == lab).sum()),
+                           per_class=class_counts(src, art, lab), confidence=confidence)
+    res.budget, res.class_budget = budget, class_budget
     if method == "bootstrap":
         ref = lab if lab is not None else src
         lo, hi = _bootstrap(src == ref, art == ref, confidence, seed)
-    else:
-        lo, hi = _interval(metric, lost, gained, n, confidence)
-    res = DropResult(
-        metric=metric, n=n, drop=100.0 * drop, low=100.0 * lo, high=100.0 * hi, confidence=confidence,
-        method=("wilson-score" if metric == "agreement" else "tango-score") if method == "score" else "paired-bootstrap",
-        source_value=None if lab is None else 100.0 * float((src == lab).mean()),
-        artifact_value=100.0 * float(((art == lab) if lab is not None else (art == src)).mean()),
-        lost=lost, gained=gained, mcnemar_p=None if lab is None else mcnemar_exact_p(lost, gained),
-        budget=budget, class_budget=class_budget)
-    res.per_class = _class_drops(src, art, lab, confidence)
-    res.worst_class = res.per_class[0] if res.per_class else None
+        res.low, res.high, res.method = 100.0 * lo, 100.0 * hi, "paired-bootstrap"
     if budget is not None:
         _decide(res, lost / n, gained / n)
     return res
