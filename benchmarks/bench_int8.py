@@ -1,6 +1,6 @@
 """int8 accuracy by post-training method, per model and format, on real trained models.
 
-    python benchmarks/bench_int8.py                       # all models, TFLite + ONNX, ~10 min on 2 cores
+    python benchmarks/bench_int8.py                       # all models, TFLite + ONNX, ~4 min on 2 cores
     python benchmarks/bench_int8.py --models digits_xception_unbalanced --formats tflite --json out.json
 
 Models (trained here on scikit-learn's digits, tests/fidelity_models.py; nothing from a cache):
@@ -86,23 +86,18 @@ def variant(src, method: str, fmt: str, work: Path) -> Path:
 
 
 def run_fallback(src, path: Path, fmt: str, work: Path) -> tuple[Path, dict]:
-    from edgepipe.pipeline.fidelity.fallback import float_fallback
-    from edgepipe.pipeline.fidelity.holdout import artifact_drop
-    from edgepipe.pipeline.fidelity.layers import build_report
-    from edgepipe.pipeline.fidelity.report import make_probe
     from edgepipe.pipeline.base.records import Calibration
+    from edgepipe.pipeline.fidelity.holdout import artifact_drop
+    from edgepipe.pipeline.fidelity.report import fallback_recovery
 
     both = src.calibration(100 + HOLDOUT)
-    calib = Calibration(both.raw[:100], both.data[:100], both.source)
-    held = Calibration(both.raw[100:], both.data[100:], both.source)
+    calib = Calibration(both.raw[:100], both.data[:100], both.source)  # what the export calibrated on
+    held = Calibration(both.raw[100:], both.data[100:], both.source)  # never calibrated on
     held_out = src.traced.reference(held.data)
-    probe = make_probe(fmt, path, work / f"ref-{fmt}", traced=src.traced, calibration=calib)
-    try:
-        rep = build_report(probe, calib)
-        rec = float_fallback(probe, rep, lambda p: artifact_drop(p, fmt, held, held_out, budget=FALLBACK_BUDGET),
-                             FALLBACK_BUDGET, work / f"fallback-{fmt}")
-    finally:
-        probe.close()
+    def measure(p: Path):
+        return artifact_drop(p, fmt, held, held_out, budget=FALLBACK_BUDGET)
+
+    rec, rep = fallback_recovery(path, fmt, calib, measure, FALLBACK_BUDGET, work, traced=src.traced)
     chosen = Path(rec.chosen.path) if rec.chosen else path
     return chosen, {"float_layers": rec.chosen.float_layers if rec.chosen else [],
                     "baseline_meets": rec.baseline.meets, "worst": rep.worst[0].layer if rep.worst else None}
@@ -164,7 +159,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as td:
         work = Path(a.work) if a.work else Path(td)
         paths = prepare_models(work, names)
-        print("| model | format | method | int8 top-1 % | drop (points) [95% CI] | agreement % | latency ms (vs default) | KB |")
+        print("| model | format | method | int8 top-1 % | drop (points) [95% CI] | agreement % "
+              "| latency ms (vs default) | KB |")
         print("|---|---|---|---:|---|---:|---:|---:|")
         rows = []
         for name in names:

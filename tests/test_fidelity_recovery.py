@@ -8,11 +8,11 @@ import pytest
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.records import Calibration
 from edgepipe.pipeline.fidelity.equalize import correct_bias, equalize
-from edgepipe.pipeline.fidelity.fallback import float_fallback
+from edgepipe.pipeline.fidelity.fallback import adopt, float_fallback
 from edgepipe.pipeline.fidelity.holdout import artifact_drop, split_holdout
 from edgepipe.pipeline.fidelity.keras_graph import fold_batchnorm
 from edgepipe.pipeline.fidelity.layers import build_report
-from edgepipe.pipeline.fidelity.report import make_probe
+from edgepipe.pipeline.fidelity.report import fallback_recovery, make_probe
 from fidelity_fixtures import broken200, exported, fid_models, source  # noqa: F401 (fixtures)
 from fidelity_harness import export_int8, judge
 
@@ -44,13 +44,18 @@ def test_float_fallback_of_the_worst_layer_recovers(broken200, tmp_path_factory,
     before = judge(art, fmt, src, timing=False)
     assert before["agreement"] < 90  # one channel 200x louder: int8 collapses, the float model does not
     calib, hold, hold_out = _holdout(src)
-    probe = make_probe(fmt, art, tmp_path / "ref", traced=src.traced, calibration=calib)
-    try:
-        rep = build_report(probe, calib, isolated_images=8)
-        rec = float_fallback(probe, rep, lambda p: artifact_drop(p, fmt, hold, hold_out, budget=1.0), 1.0,
-                             tmp_path / "fb", images=calib)
-    finally:
-        probe.close()
+    if fmt == "tflite":  # the pieces ...
+        probe = make_probe(fmt, art, tmp_path / "ref", traced=src.traced, calibration=calib)
+        try:
+            rep = build_report(probe, calib, isolated_images=8)
+            rec = float_fallback(probe, rep, lambda p: artifact_drop(p, fmt, hold, hold_out, budget=1.0), 1.0,
+                                 tmp_path / "fb", images=calib)
+        finally:
+            probe.close()
+    else:  # ... and the one call export's recovery makes
+        rec, rep = fallback_recovery(art, fmt, calib, lambda p: artifact_drop(p, fmt, hold, hold_out, budget=1.0),
+                                     1.0, tmp_path, traced=src.traced, isolated_images=8)
+    assert rep.worst[0].layer.startswith("entry_sep1")
     assert not rec.baseline.meets and rec.baseline.drop["verdict"] == "fail"
     assert rec.chosen is rec.attempts[0] and rec.chosen.float_layers[0].startswith("entry_sep1")
     # the tensor stays float: its producer and its consumers run in float
@@ -60,6 +65,8 @@ def test_float_fallback_of_the_worst_layer_recovers(broken200, tmp_path_factory,
     assert d["meets"] and d["chosen"] == rec.chosen.name and "per_class" not in d["attempts"][0]["drop"]
     after = judge(rec.chosen.path, fmt, src, timing=False)  # on the labelled test split, never seen
     assert after["agreement"] >= 98.0 and after["drop"] <= 0.5, after
+    dest = tmp_path / f"adopted{art.suffix}"
+    assert adopt(rec, dest) == dest and dest.read_bytes() == open(rec.chosen.path, "rb").read()
 
 
 def test_cross_layer_equalization_recovers_without_fallback(broken200, tmp_path):

@@ -23,8 +23,10 @@ from edgepipe.export.base import ExportOptions
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.records import Calibration, Traced
 from edgepipe.pipeline.fidelity import sources
+from edgepipe.pipeline.fidelity.fallback import STEPS, Recovery, float_fallback
 from edgepipe.pipeline.fidelity.layers import (DEFAULT_ISOLATED_CAP, DEFAULT_ISOLATED_IMAGES, DEFAULT_SAMPLES,
                                                LayerProbe, LayerReport, build_report)
+from edgepipe.pipeline.fidelity.stats import DropResult
 
 # format -> (module, class); the Edge TPU artifact before compilation is a full-int8 TFLite model
 PROBES = {"tflite": ("probe_tflite", "TFLiteProbe"), "edgetpu": ("probe_tflite", "TFLiteProbe"),
@@ -54,7 +56,9 @@ def make_probe(fmt: str, artifact: Path, workdir: Path, *, traced: Optional[Trac
         reference = sources.float_reference(traced, fmt, workdir, options)
     known = sources.keras_layer_names(traced)
     if fmt in ("tflite", "edgetpu"):
-        req = sources.tflite_requantizer(traced, calibration) if traced is not None and calibration is not None else None
+        req = None
+        if traced is not None and calibration is not None:
+            req = sources.tflite_requantizer(traced, calibration)
         return cls(artifact, reference, requantize=req, known_layers=known)
     if fmt == "onnx":
         return cls(artifact, reference, calibration=calibration, known_layers=known,
@@ -83,3 +87,22 @@ def layer_report(artifact: str | Path, fmt: str, images: Calibration, *, traced:
             probe.close()
     rep.artifact = artifact.name
     return rep
+
+
+def fallback_recovery(artifact: str | Path, fmt: str, calibration: Calibration, measure: Callable[[Path], DropResult],
+                      budget: float, workdir: Path, *, traced: Traced, options: Optional[ExportOptions] = None,
+                      artifact_options: Optional[dict] = None, calibration_record: Optional[dict] = None,
+                      steps: tuple = STEPS, isolated_images: int = DEFAULT_ISOLATED_IMAGES,
+                      progress: Optional[Callable[[str], None]] = None) -> tuple[Recovery, LayerReport]:
+    """Per-layer report of an int8 artifact on its calibration images, then float fallback of its worst
+    layers until ``measure`` says the budget holds (fallback.py). Candidates are written under
+    ``workdir``; ``fallback.adopt(recovery, dest)`` copies the chosen one out."""
+    probe = make_probe(fmt, Path(artifact), workdir / "reference", traced=traced, calibration=calibration,
+                       options=options, artifact_options=artifact_options, calibration_record=calibration_record)
+    try:
+        rep = build_report(probe, calibration, isolated_images=isolated_images, progress=progress)
+        rec = float_fallback(probe, rep, measure, budget, workdir / "candidates", images=calibration, steps=steps)
+    finally:
+        probe.close()
+    rep.artifact = Path(artifact).name
+    return rec, rep
