@@ -7,6 +7,8 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Optional
 
+from edgepipe.pipeline.fidelity.tensors import SQNR_CAP_DB
+
 if TYPE_CHECKING:  # pragma: no cover
     from edgepipe.pipeline.fidelity.layers import LayerReport, LayerRow
 
@@ -65,14 +67,19 @@ def markdown(rep: "LayerReport") -> str:
     return "\n".join(lines) + "\n"
 
 
-def svg_plot(rep: "LayerReport", width: int = 900, height: int = 300) -> str:
+def _own(r: "LayerRow") -> Optional[float]:
+    """own_db when the layer adds error of its own (the cap means: all of it came in with its inputs)."""
+    return r.own_db if r.own_db is not None and r.own_db < SQNR_CAP_DB else None
+
+
+def svg_plot(rep: "LayerReport", width: int = 900, height: int = 320) -> str:
     rows = rep.rows
-    left, right, top, bottom = 50, 20, 20, 40
+    left, right, top, bottom = 50, 20, 20, 50
     parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="11">']
     if not rows:
         return parts[0] + f'<text x="{left}" y="{top + 12}">no layers</text></svg>'
-    vals = [v for r in rows for v in (r.accumulated.sqnr_db, r.own_db) if v is not None]
+    vals = [v for r in rows for v in (r.accumulated.sqnr_db, _own(r)) if v is not None]
     lo, hi = min(0.0, min(vals)), max(10.0, max(vals))
     pw, ph = width - left - right, height - top - bottom
 
@@ -89,21 +96,23 @@ def svg_plot(rep: "LayerReport", width: int = 900, height: int = 300) -> str:
     for k, r in enumerate(rows):
         if r.tensor in worst:
             parts.append(f'<rect x="{x(k) - pw / len(rows) / 2:.1f}" y="{top}" width="{pw / len(rows):.1f}" '
-                         f'height="{ph}" fill="#fde0e0"><title>{html.escape(r.layer)}: rank {r.rank + 1}</title></rect>')
+                         f'height="{ph}" fill="#fde0e0"><title>{html.escape(r.layer)}: rank {r.rank + 1}</title>'
+                         '</rect>')
     pts = " ".join(f"{x(k):.1f},{y(r.accumulated.sqnr_db):.1f}" for k, r in enumerate(rows))
     parts.append(f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="2"/>')
     for k, r in enumerate(rows):
         tip = html.escape(f"{r.layer} ({r.op}): accumulated {r.accumulated.sqnr_db:.1f} dB")
         parts.append(f'<circle cx="{x(k):.1f}" cy="{y(r.accumulated.sqnr_db):.1f}" r="3" fill="#1f77b4">'
                      f'<title>{tip}</title></circle>')
-        v = r.own_db
+        v = _own(r)
         if v is not None:
             tip = html.escape(f"{r.layer}: its own share of the output error, {v:.1f} dB")
             parts.append(f'<rect x="{x(k) - 3:.1f}" y="{y(v) - 3:.1f}" width="6" height="6" fill="#d62728">'
                          f'<title>{tip}</title></rect>')
-    parts.append(f'<text x="{left}" y="{height - 8}">layers in graph order; blue line: accumulated SQNR (dB) '
-                 f'of each layer; red squares: model-output SQNR of the layer quantized alone, its inputs\' share removed; '
-                 f'shaded: the worst {WORST_SHOWN}</text>')
+    parts.append(f'<text x="{left}" y="{height - 22}">layers in graph order. Blue: accumulated SQNR (dB) of each '
+                 'layer. Red: model-output SQNR of the layer quantized alone, its inputs\' share removed</text>'
+                 f'<text x="{left}" y="{height - 8}">(none where it adds nothing of its own). '
+                 f'Shaded: the worst {WORST_SHOWN}.</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -117,14 +126,16 @@ def render_html(rep: "LayerReport") -> str:
         f"<td>{r.accumulated.cosine:.4f}</td><td>{'' if r.rank is None else r.rank + 1}</td>"
         f"<td>{e(r.reason or '') if r.rank is not None and r.rank < WORST_SHOWN else ''}</td></tr>"
         for r in rep.rows)
-    worst = "".join(f"<li>{e(s)}</li>" for s in worst_lines(rep))
+    worst = "".join(f"<li>{e(s)}</li>" for s in worst_lines(rep))  # the lines carry their rank
     summary = "".join(f"<p>{e(s)}</p>" for s in summary_lines(rep))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>layers: {e(rep.artifact)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}td:nth-child(n+4){text-align:right}"
             "</style></head><body>"
-            f"<h1>Per-layer error of {e(rep.artifact)}</h1>{summary}<h2>Worst layers</h2><ol>{worst}</ol>"
+            f"<h1>Per-layer error of {e(rep.artifact)}</h1>{summary}<h2>Worst layers</h2>"
+            f"<ul style='list-style:none'>{worst}</ul>"
             f"{svg_plot(rep)}<h2>All layers</h2><table><tr><th>#</th><th>layer</th><th>op</th>"
             "<th>accumulated SQNR dB</th><th>channel SQNR dB</th><th>delta dB</th><th>isolated SQNR dB</th>"
-            "<th>isolated output SQNR dB</th><th>own output SQNR dB</th><th>rel. error</th><th>cosine</th><th>rank</th><th>likely reason</th>"
+            "<th>isolated output SQNR dB</th><th>own output SQNR dB</th><th>rel. error</th><th>cosine</th>"
+            "<th>rank</th><th>likely reason</th>"
             f"</tr>{rows}</table></body></html>")
