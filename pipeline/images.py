@@ -12,10 +12,12 @@ the 1,347 train images, ``edgepipe eval --data digits`` uses the 450 test images
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from edgepipe.pipeline.base import lazy
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.preprocessing import to_channels
 
@@ -35,7 +37,7 @@ def load_image(path: Path, height: int, width: int, channels: int) -> np.ndarray
     """One image file -> (H, W, C) float32 0-255 (gray for 1 channel, else RGB)."""
     with Image.open(path) as im:
         im = im.convert("L" if channels == 1 else "RGB")
-        im = im.resize((width, height), Image.BILINEAR)
+        im = im.resize((width, height), Image.Resampling.BILINEAR)
         a = np.asarray(im, dtype=np.float32)
     if a.ndim == 2:
         a = a[..., None]
@@ -43,18 +45,14 @@ def load_image(path: Path, height: int, width: int, channels: int) -> np.ndarray
 
 
 # --------------------------------------------------------------------------- digits
-def load_digits():
-    """scikit-learn's digits bunch. scikit-learn is imported here, not at module top: it costs
-    ~0.6 s, and the CLI imports this module on every start (`edgepipe --help` stays < 1 s)."""
-    from sklearn.datasets import load_digits as _load
-
-    return _load()
+def load_digits() -> Any:
+    """scikit-learn's digits bunch (scikit-learn is a deferred heavy import: see base/lazy.py)."""
+    return lazy.sklearn_datasets().load_digits()
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
     """(train indices, test indices) into sklearn's load_digits(), fixed and stratified."""
-    from sklearn.model_selection import train_test_split  # lazy: see load_digits
-
+    train_test_split = lazy.sklearn_model_selection().train_test_split
     y = load_digits().target
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED, stratify=y)
@@ -80,7 +78,7 @@ def digits_images(idx: np.ndarray, height: int, width: int, channels: int) -> np
     """The digits at ``idx`` upscaled to (N, H, W, C) float32 0-255 (gray repeated for RGB)."""
     out = np.empty((len(idx), height, width, 1), np.float32)
     for i, img in enumerate(digit_pixels(load_digits().images[idx])):
-        im = Image.fromarray(img, "L").resize((width, height), Image.BILINEAR)
+        im = Image.fromarray(img, "L").resize((width, height), Image.Resampling.BILINEAR)
         out[i, ..., 0] = np.asarray(im, np.float32)
     return to_channels(out, channels)
 

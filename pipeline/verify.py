@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from edgepipe.devices import Runtime, runtimes_for, to_tensor_info
-from edgepipe.export import format_class
+from edgepipe.export import format_class, formats
 from edgepipe.pipeline.base.manifest import TensorInfo, Verification
 from edgepipe.pipeline.base.records import VerificationSet
 
@@ -192,11 +192,13 @@ def describe_io(path: Path, fmt: str) -> tuple[list[TensorInfo], list[TensorInfo
 def run_artifact(path: Path, fmt: str, raw: np.ndarray, data: np.ndarray,
                  runtime: Optional[Runtime] = None) -> Outputs:
     """Run every sample through an artifact; image-input artifacts get raw pixels."""
-    f = format_class(fmt)()
-    runs_as = f.runs_as()
+    known = formats()
+    f = known[fmt]() if fmt in known else None  # a runtime may run a format edgepipe does not export
     if runtime is None:
         runs_as, runtime = verifier(fmt)
-    reason = f.unverifiable(Path(path))
+    else:
+        runs_as = f.runs_as() if f is not None else fmt
+    reason = f.unverifiable(Path(path)) if f is not None else None
     if reason:
         raise LookupError(reason)
     why = runtime.check(path, runs_as)

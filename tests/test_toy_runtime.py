@@ -1,6 +1,6 @@
 """A runtime registered from outside edgepipe: a Runtime and its Session defined in this module only.
 
-The "toy" format is an .npz holding a linear classifier (w, b) over an int8-quantized input; the toy
+The "npzlin" format (a toy) is an .npz holding a linear classifier (w, b) over an int8-quantized input; the toy
 runtime runs it with numpy on the cpu target. Nothing else is edited to add it: bench measures it with
 the worker (a fresh process that loads this file to find the runtime) by the agent's method, exactly
 as it measures built-in runtimes, and eval's and verification's code run its session.
@@ -39,7 +39,7 @@ class ToyLinearSession(Session):
 class ToyRuntime(Runtime):
     name = "toy-numpy"
     target = "cpu"
-    formats = ("toy",)
+    formats = ("npzlin",)
 
     def load(self, path, spec=None):
         return ToyLinearSession(Path(path), spec or MeasureSpec())
@@ -62,14 +62,14 @@ def toy_export(tmp_path) -> Path:
     np.savez(tmp_path / "reference.npz", data=raw / 255, raw=raw)
     m = Manifest(model=SourceModel(name="toy", kind="keras", input_shape=[1, 2, 2, 2], num_classes=3),
                  reference={"path": "reference.npz", "samples": len(raw), "data": "random"})
-    m.artifacts.append(Artifact(id="toy-int8", format="toy", precision="int8", path=path.name, status="ok",
+    m.artifacts.append(Artifact(id="toy-int8", format="npzlin", precision="int8", path=path.name, status="ok",
                                 sha256=sha256_file(path), size_bytes=path.stat().st_size))
     m.save(tmp_path)
     return tmp_path
 
 
 def test_the_registry_finds_it():
-    assert [type(rt) for rt in runtimes_for("toy")] == [ToyRuntime]
+    assert [type(rt) for rt in runtimes_for("npzlin")] == [ToyRuntime]
     assert Runtime.registry[("toy-numpy", "cpu")] is ToyRuntime
 
 
@@ -86,7 +86,7 @@ def test_bench_measures_it_with_the_agents_method(toy_export):
                                                       "scale": [SCALE], "zero_point": [0]}]
     assert r.memory["peak_rss_kb"] > 0
     gpu = rows[("toy-int8", "gpu")]
-    assert gpu.status == "skipped" and gpu.reason == "no runtime runs toy artifacts on gpu"
+    assert gpu.status == "skipped" and gpu.reason == "no runtime runs npzlin artifacts on gpu"
 
 
 def test_eval_and_verification_run_its_session(toy_export):
@@ -97,12 +97,12 @@ def test_eval_and_verification_run_its_session(toy_export):
 
     path, raw, want = _model(toy_export)
     data = (raw / 255).astype(np.float32)
-    got = run_artifact(path, "toy", raw, data, runtime=ToyRuntime())  # the verification loop
+    got = run_artifact(path, "npzlin", raw, data, runtime=ToyRuntime())  # the verification loop
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
     labels = want.argmax(axis=1)
     ds = LabelledSet(raw=raw, labels=labels, source="digits")
     ctx = EvalContext(ds, data, 3, {"top1": 100.0, "top5": 100.0}, labels, threads=1)
-    row = evaluate_file(path, "toy", ToyRuntime(), EvalRow(artifact="toy-int8", format="toy"), ctx)
+    row = evaluate_file(path, "npzlin", ToyRuntime(), EvalRow(artifact="toy-int8", format="npzlin"), ctx)
     assert row.status == "ok" and row.runtime == "toy-numpy", row
     assert row.top1 == 100.0 and row.drop["top1"] == 0.0 and row.facts["threads"] == 1

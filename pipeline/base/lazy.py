@@ -24,6 +24,7 @@ HEAVY: dict[str, str] = {
     "coremltools": "3.1 s (imports TensorFlow when installed); Core ML export only",
     "coremltools.optimize.coreml": "3.0 s (imports coremltools); Core ML int8/palettized export only",
     "sklearn.datasets": "0.6 s (imports scipy); the built-in digits set only",
+    "sklearn.model_selection": "0.6 s (imports scipy); the built-in digits set's fixed split only",
 }
 
 
@@ -70,3 +71,7 @@ def coreml_optimize() -> Any:
 
 def sklearn_datasets() -> Any:
     return load("sklearn.datasets")
+
+
+def sklearn_model_selection() -> Any:
+    return load("sklearn.model_selection")
