@@ -18,7 +18,8 @@ import typer
 from edgepipe.pipeline.base.errors import EdgepipeError
 
 CLI_MODULES = ["edgepipe.pipeline.cli.export", "edgepipe.pipeline.cli.inspect", "edgepipe.pipeline.cli.bench",
-               "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices"]
+               "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices",
+               "edgepipe.pipeline.cli.sweep"]
 
 app = typer.Typer(
     name="edgepipe",
