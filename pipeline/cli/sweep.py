@@ -15,7 +15,7 @@ from edgepipe.pipeline.gate import parse_overrides
 from edgepipe.pipeline.sweep import cells, raynet
 from edgepipe.pipeline.sweep.engine import SerialEngine, make_engine
 from edgepipe.pipeline.sweep.plan import load_plan
-from edgepipe.pipeline.sweep.render import _short, headline
+from edgepipe.pipeline.sweep.render import short_node, headline, label
 from edgepipe.pipeline.sweep.run import prepare, run_sweep
 
 
@@ -31,10 +31,10 @@ def _overrides(**kw) -> dict:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)
+    app.command("sweep", no_args_is_help=True)(sweep)
     node = typer.Typer(help="Join this machine to a Ray cluster for `edgepipe sweep`, with its devices.",
                        no_args_is_help=True)
-    node.command("start")(node_start)
+    node.command("start", no_args_is_help=True)(node_start)
     app.add_typer(node, name="node")
 
 
@@ -99,8 +99,7 @@ def sweep(
     gate = res.report["gate"]
     if not gate["passed"]:
         bad = [r for r in gate["rows"] if r["status"] == "fail"]
-        shown = "; ".join(f"{r['model']} {r['name']}{' @ ' + r['device'] if r.get('device') else ''} ({r['reason']})"
-                          for r in bad[:5])
+        shown = "; ".join(f"{label(r)} ({r['reason']})" for r in bad[:5])
         raise GateFailure(f"sweep gate: {len(bad)} check(s) failed: {shown}{'; ...' if len(bad) > 5 else ''}",
                           f"See {res.written['md']}")
 
@@ -134,7 +133,7 @@ class _Say:
             self.done += 1
             dev = f" on {info['device']}" if info.get("device") else ""
             what = "reused" if event == "reused" else info["status"]
-            node = self.names.get(info.get("node"), _short(info.get("node")))
+            node = self.names.get(info.get("node"), short_node(info.get("node")))
             at = f" [node {node}, host {info.get('host')}]" if info.get("node") else ""
             secs = f" {info['seconds']:.1f} s" if info.get("seconds") and event == "done" else ""
             why = f": {info['reason']}" if info.get("reason") and event == "done" else ""
@@ -154,13 +153,12 @@ def _print(rep: dict, written: dict) -> None:
     f = lambda v, nd=2: "-" if v is None else f"{v:.{nd}f}"
     for r in rep["rows"]:
         t.add_row(r["model"], r["artifact"], r.get("device") or "-", r.get("target") or "-",
-                  _short(r.get("node")) or "-", f(r.get("top1")), f(r.get("drop_top1")), f(r.get("p50_ms"), 3),
+                  short_node(r.get("node")) or "-", f(r.get("top1")), f(r.get("drop_top1")), f(r.get("p50_ms"), 3),
                   style.get(r["gate"], r["gate"]))
     con.print(t)
     for r in rep["gate"]["rows"]:
         if r["status"] == "fail":
-            con.print(f"[red]{r['model']} {r['name']}[/]{' @ ' + r['device'] if r.get('device') else ''}: {r['reason']}",
-                      soft_wrap=True)
+            con.print(f"[red]{label(r)}[/]: {r['reason']}", soft_wrap=True)
     con.print(f"Wrote {written['json']}, {Path(written['md']).name}, {Path(written['html']).name}", soft_wrap=True)
 
 
@@ -175,6 +173,7 @@ def node_start(
     temp_dir: Optional[str] = typer.Option(None, "--temp-dir", help="Ray's temp folder on this node (keep it short)."),
     config: Optional[str] = typer.Option(None, "--config", help="This node's device registry (default: $EDGEPIPE_CONFIG, else ~/.config/edgepipe/devices.json)."),
     block: bool = typer.Option(False, "--block", help="Stay in the foreground until stopped (Ctrl-C stops the node)."),
+    ray_args: Optional[List[str]] = typer.Option(None, "--ray-arg", help="One more `ray start` option, e.g. --ray-arg=--object-manager-port=8076 (repeatable)."),
 ) -> None:
     """`ray start` with one resource per device this machine owns: bench jobs for a device run here only."""
     raynet.require_ray("edgepipe node start")
@@ -183,7 +182,7 @@ def node_start(
     names = [d.strip() for d in (devices or "").split(",") if d.strip()]
     raynet.check_devices(names, cells.check_registered)
     argv = raynet.node_start_argv(head=head, address=address, port=port, devices=names, num_cpus=num_cpus,
-                                  name=name, temp_dir=temp_dir, block=block, node_ip=node_ip)
+                                  name=name, temp_dir=temp_dir, block=block, node_ip=node_ip) + list(ray_args or [])
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "edgepipe.pipeline.sweep.raynet", *argv])

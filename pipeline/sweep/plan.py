@@ -105,6 +105,8 @@ def load_plan(path: Optional[str | Path] = None, overrides: Optional[dict] = Non
               models: Optional[list[dict]] = None) -> SweepPlan:
     """A plan from a TOML file and/or flags. ``overrides`` maps "key" or "section.key" to a value (flags
     win over the file); ``models`` (model dicts, e.g. from --models) replaces the file's models."""
+    if path is None and models is None:
+        raise UserError("no plan file and no --models", "Give a plan (edgepipe sweep plan.toml) or --models NAME,...")
     raw = read_toml(Path(path)) if path else {}
     base = Path(path).resolve().parent if path else Path.cwd()
     where = str(path) if path else "the flags"

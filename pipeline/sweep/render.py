@@ -16,17 +16,26 @@ JOB_COLS = (("job", "kind"), ("model", "model"), ("device", "device"), ("status"
             ("host", "host"), ("s", "seconds"), ("reused", "reused"))
 
 
-def cell(v) -> str:
+DECIMALS = {"top1": 2, "drop_top1": 2, "source_value": 2, "artifact_value": 2, "drop": 2, "budget": 2,
+            "p50_ms": 3, "p90_ms": 3, "seconds": 1}
+
+
+def cell(v, key: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+        return f"{v:.{DECIMALS[key]}f}" if key in DECIMALS else f"{v:g}"
     return str(v)
 
 
-def _short(node: Optional[str]) -> Optional[str]:
+def label(r: dict) -> str:
+    """A gate row as one phrase: 'm0 tflite-int8 on cpu: top1', 'm0 bench @ pi4'."""
+    return f"{r['model']} {r['name']}" + (f" @ {r['device']}" if r.get("device") else "")
+
+
+def short_node(node: Optional[str]) -> Optional[str]:
     """Ray node ids are 56 hex digits; names are short. Show 8 of an id."""
     return node[:8] if node and len(node) == 56 and all(c in "0123456789abcdef" for c in node) else node
 
@@ -40,7 +49,7 @@ def headline(rep: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ Markdown
-def _md_table(cols, rows, fmt=lambda k, v: cell(v)) -> list[str]:
+def _md_table(cols, rows, fmt=lambda k, v: cell(v, k)) -> list[str]:
     out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(fmt(k, r.get(k)).replace("|", "\\|").replace("\n", " ") for _, k in cols) + " |")
@@ -51,8 +60,8 @@ def _fmt(k: str, v) -> str:
     if k in ("gate", "status") and v in ICON:
         return ICON[v]
     if k in ("node", "node_name"):
-        return cell(_short(v))
-    return cell(v)
+        return cell(short_node(v))
+    return cell(v, k)
 
 
 def render_markdown(rep: dict) -> str:
@@ -62,7 +71,7 @@ def render_markdown(rep: dict) -> str:
     lines += ["", "## Nodes", ""]
     lines += _md_table((("node", "name"), ("id", "id"), ("host", "host"), ("ip", "ip"), ("cpus", "cpus"),
                         ("devices", "devices"), ("alive", "alive")),
-                       [{**n, "id": _short(n["id"]), "devices": ", ".join(n["devices"]) or "-"}
+                       [{**n, "id": short_node(n["id"]), "devices": ", ".join(n["devices"]) or "-"}
                         for n in rep["engine"].get("nodes", [])])
     lines += ["", "## Jobs", ""] + _md_table(JOB_COLS, rep["jobs"], _fmt)
     notes = [j for j in rep["jobs"] if j.get("reason")]
@@ -79,8 +88,7 @@ def render_gate_markdown(rep: dict) -> str:
     notes = [r for r in g["rows"] if r.get("reason") and r["status"] != "pass"]
     if notes:
         lines.append("")
-        lines += [f"- **{r['model']} {r['name']}{' @ ' + r['device'] if r.get('device') else ''}**: {r['reason']}"
-                  for r in notes]
+        lines += [f"- **{label(r)}**: {r['reason']}" for r in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -98,15 +106,15 @@ def _html_table(cols, rows) -> str:
         for _, k in cols:
             v = r.get(k)
             cls = f' class="{v}"' if k in ("gate", "status") and v in ICON else ""
-            tds.append(f"<td{cls}>{html.escape(cell(_short(v) if k in ('node', 'node_name') else v))}</td>")
+            tds.append(f"<td{cls}>{html.escape(cell(short_node(v) if k in ('node', 'node_name') else v, k))}</td>")
         body.append("<tr>" + "".join(tds) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def render_html(rep: dict) -> str:
-    nodes = [{**n, "id": _short(n["id"]), "devices": ", ".join(n["devices"]) or "-"}
+    nodes = [{**n, "id": short_node(n["id"]), "devices": ", ".join(n["devices"]) or "-"}
              for n in rep["engine"].get("nodes", [])]
-    notes = "".join(f"<li><b>{html.escape(r['model'] + ' ' + r['name'])}</b>: {html.escape(r['reason'])}</li>"
+    notes = "".join(f"<li><b>{html.escape(label(r))}</b>: {html.escape(r['reason'])}</li>"
                     for r in rep["gate"]["rows"] if r.get("reason") and r["status"] != "pass")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>edgepipe sweep</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(headline(rep))}</h1>"
@@ -127,10 +135,9 @@ def render_junit(rep: dict) -> str:
         suite = ET.SubElement(suites, "testsuite", name=f"edgepipe sweep: {model}", tests=str(len(rows)),
                               failures=str(fails), errors="0", skipped=str(skips))
         for r in rows:
-            name = r["name"] + (f" @ {r['device']}" if r.get("device") else "")
-            tc = ET.SubElement(suite, "testcase", classname=f"edgepipe.{model}.{r['artifact']}", name=name)
-            detail = (f"source {cell(r.get('source_value'))}, artifact {cell(r.get('artifact_value'))}, "
-                      f"drop {cell(r.get('drop'))}, budget {cell(r.get('budget'))}")
+            tc = ET.SubElement(suite, "testcase", classname=f"edgepipe.{model}.{r['artifact']}", name=label(r))
+            detail = (f"source {cell(r.get('source_value'), 'top1')}, artifact {cell(r.get('artifact_value'), 'top1')}, "
+                      f"drop {cell(r.get('drop'), 'drop')}, budget {cell(r.get('budget'), 'budget')}")
             if r["status"] == "fail":
                 ET.SubElement(tc, "failure", message=r.get("reason") or "failed", type=f"edgepipe.{r['check']}").text = detail
             elif r["status"] == "skipped":

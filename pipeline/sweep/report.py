@@ -64,8 +64,9 @@ def _row(model: str, check: str, status: str, reason: Optional[str] = None, devi
          "precision": kw.pop("precision", None), "check": check, "target": kw.pop("target", None),
          "runtime": kw.pop("runtime", None), "source_value": None, "artifact_value": None, "drop": None,
          "budget": None, "budget_from": None, "status": status, "reason": reason, "device": device, **kw}
-    where = " on ".join(x for x in (r["target"], device) if x)
-    r.setdefault("name", f"{r['artifact']}{' on ' + where if where else ''}: {check}")
+    what = r["artifact"] if r["artifact"] != "-" else ""
+    what += f" on {r['target']}" if r["target"] else ""
+    r.setdefault("name", f"{what}: {check}" if what else check)
     return r
 
 
@@ -130,9 +131,11 @@ def _bench_gate(out: OutputFolder, model: str, device: str, job: Optional[dict])
 # ------------------------------------------------------------------------------------------ the table
 def model_rows(prepared, out: OutputFolder, mj, mjobs: list[dict], gate: list[dict], names: dict) -> list[dict]:
     m = out.manifest(mj.name)
-    if m is None:
-        return []
     job = {(j["kind"], j.get("device")): j for j in mjobs}
+    if m is None:  # the export failed: one row says so (the gate has the reason)
+        exp = job.get(("export", None)) or {}
+        return [{"model": mj.name, "artifact": "-", "export": "failed", "device": None, "node": exp.get("node_name"),
+                 "host": exp.get("host"), "gate": "fail"}]
     ev = out.json(out.model_dir(mj.name) / "eval.json") if prepared.plan.eval.get("data") else None
     exp = job.get(("export", None)) or {}
     rows = []

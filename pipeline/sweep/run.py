@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from edgepipe.export import CALIBRATED
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.sweep import cells, jobs
-from edgepipe.pipeline.sweep.engine import Placement, RayEngine, SerialEngine
+from edgepipe.pipeline.sweep.engine import Placement, RayEngine
 from edgepipe.pipeline.sweep.plan import SweepPlan
 from edgepipe.pipeline.sweep.report import build_report, write_outputs
 from edgepipe.pipeline.sweep.state import OutputFolder, key_of
@@ -216,7 +216,7 @@ def run_sweep(prepared: Prepared, engine, progress: Progress = _quiet, junit: Op
               markdown: Optional[str] = None) -> SweepResult:
     """Check the devices (against the cluster when joining one), run every job, write the reports, stop
     the engine. Ctrl-C cancels the jobs and stops what this run started."""
-    t0 = time.time()
+    clock = {"start": time.time()}
     cluster = isinstance(engine, RayEngine) and engine.mode == "cluster"
     if not cluster:  # devices registered here: checked before anything starts
         resolve_devices(prepared, engine)
@@ -224,6 +224,7 @@ def run_sweep(prepared: Prepared, engine, progress: Progress = _quiet, junit: Op
         engine.start([] if cluster else [d for d in prepared.devices if d != cells.LOCAL])
         if cluster:
             resolve_devices(prepared, engine)
+        clock["engine"] = time.time()
         progress("engine", {**engine.describe(), "nodes": engine.nodes(), "devices": prepared.devices})
         sweep = Sweep(prepared, engine, progress)
         try:
@@ -232,10 +233,15 @@ def run_sweep(prepared: Prepared, engine, progress: Progress = _quiet, junit: Op
             engine.cancel_all()
             raise
         info = {**engine.describe(), "nodes": engine.nodes()}
+        clock["jobs"] = time.time()
     finally:
         engine.stop()
+    clock["stop"] = time.time()
     merge_benches(prepared, OutputFolder(prepared.plan.out))
-    report = build_report(prepared, OutputFolder(prepared.plan.out), done, info, time.time() - t0)
+    info["timings"] = {"start_s": round(clock["engine"] - clock["start"], 3),
+                       "jobs_s": round(clock["jobs"] - clock["engine"], 3),
+                       "stop_s": round(clock["stop"] - clock["jobs"], 3)}
+    report = build_report(prepared, OutputFolder(prepared.plan.out), done, info, time.time() - clock["start"])
     written = write_outputs(report, prepared.plan.out, junit=junit, markdown=markdown)
     return SweepResult(report, written, done)
 
@@ -249,4 +255,4 @@ def merge_benches(prepared: Prepared, out: OutputFolder) -> None:
             cells.write_bench(cells.merge_bench(reps), out.model_dir(mj.name))
 
 
-__all__ = ["Prepared", "SerialEngine", "RayEngine", "SweepResult", "prepare", "resolve_devices", "run_sweep"]
+__all__ = ["Prepared", "SweepResult", "merge_benches", "prepare", "resolve_devices", "run_sweep"]
