@@ -103,6 +103,16 @@ def private_token() -> None:
         Config.initialize("")
 
 
+# the embedded instance behaves like --serial under memory pressure: Ray's memory monitor would kill
+# (and re-run) its workers whenever the machine as a whole passes 95 % of memory, whoever uses it
+EMBEDDED_ENV = {"RAY_memory_monitor_refresh_ms": "0"}
+
+
+def embedded_env() -> None:
+    for k, v in EMBEDDED_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def quiet_env() -> None:
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
