@@ -20,7 +20,7 @@ from edgepipe.pipeline import evaluate as evaluate_mod
 from edgepipe.pipeline import export_stage, gate, models
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import pkg_version
-from edgepipe.pipeline.calibration import make_reader
+from edgepipe.pipeline.calibration import Reader, make_reader
 from edgepipe.pipeline.datasets import check_spec
 
 LOCAL = "local"  # the CPU of the machine that runs the sweep (bench's own meaning of "local")
@@ -28,7 +28,7 @@ CALIB_METHODS = (None, "minmax", "entropy", "percentile")
 
 
 # ------------------------------------------------------------------------------------------ models
-def model_request(m: dict):
+def model_request(m: dict) -> models.ModelRequest:
     """The library's validated model request for one plan entry (UserError for an unknown model)."""
     return models.resolve(m["model"], weights=m["weights"], input_size=m["input_size"], alpha=m["alpha"],
                           classes=m["classes"], preprocess=m["preprocess"], mean=m["mean"], std=m["std"],
@@ -61,7 +61,7 @@ def check_export_options(cal: dict, exp: dict) -> None:
     calibration_reader(cal, 0)
 
 
-def calibration_reader(cal: dict, seed: int):
+def calibration_reader(cal: dict, seed: int) -> Optional[Reader]:
     src = cal.get("source")
     if src is None:
         return None

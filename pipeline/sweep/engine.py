@@ -289,7 +289,7 @@ class RayEngine:
             pass
 
 
-def make_engine(serial: bool, address: Optional[str], cpus: Optional[int]):
+def make_engine(serial: bool, address: Optional[str], cpus: Optional[int]) -> "SerialEngine | RayEngine":
     """The engine a sweep asked for: serial, a cluster, or (default) embedded Ray; serial when Ray
     is missing (the caller tells the user how to install it)."""
     if serial:

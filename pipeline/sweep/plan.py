@@ -228,3 +228,24 @@ def _unique_names(models: list[dict], where: str) -> None:
             raise UserError(f"{where}: two models named '{m['name']}'", "Give each [[models]] entry a distinct name")
         if m["name"] is not None:
             seen.add(m["name"])
+
+
+@dataclass
+class ModelJobs:
+    """One model of a prepared plan: its name, entry, export pairs and job keys."""
+
+    name: str
+    model: dict
+    pairs: list[tuple[str, str]]
+    skipped: list[dict]
+    keys: dict = field(default_factory=dict)  # export, eval, bench:<device>
+
+
+@dataclass
+class Prepared:
+    """A plan checked by run.prepare: model names resolved, export pairs and job keys computed."""
+
+    plan: SweepPlan
+    models: list[ModelJobs]
+    selectors: set[str]
+    devices: list[str] = field(default_factory=list)  # resolved on an engine (resolve_devices)

@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from edgepipe.pipeline.base.errors import UserError
 
@@ -119,7 +119,7 @@ def quiet_env() -> None:
 
 
 # ------------------------------------------------------------------------------------------ edgepipe node start
-def check_devices(devices: list[str], check_registered) -> None:
+def check_devices(devices: list[str], check_registered: Callable[[str], None]) -> None:
     for d in devices:
         if not _NAME.match(d) or d in ("local", "all"):
             raise UserError(f"bad device name '{d}'", "Name registered devices (see `edgepipe devices`)")

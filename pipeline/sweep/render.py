@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import html
 import xml.etree.ElementTree as ET
-from typing import Optional
+from typing import Any, Optional
 
 ICON = {"pass": "✅ pass", "fail": "❌ FAIL", "skipped": "⏭️ skipped"}
 ROW_COLS = (("model", "model"), ("artifact", "artifact"), ("device", "device"), ("target", "target"),
@@ -20,7 +20,7 @@ DECIMALS = {"top1": 2, "drop_top1": 2, "source_value": 2, "artifact_value": 2, "
             "p50_ms": 3, "p90_ms": 3, "seconds": 1}
 
 
-def cell(v, key: str = "") -> str:
+def cell(v: Any, key: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):

@@ -21,6 +21,7 @@ from typing import Optional
 from edgepipe.pipeline.base.errors import EdgepipeError
 from edgepipe.pipeline.base.util import write_json_atomic, write_text_atomic
 from edgepipe.pipeline.sweep import cells
+from edgepipe.pipeline.sweep.plan import ModelJobs, Prepared
 from edgepipe.pipeline.sweep.render import render_html, render_junit, render_markdown, render_gate_markdown
 from edgepipe.pipeline.sweep.state import OutputFolder
 
@@ -29,7 +30,7 @@ KIND = "edgepipe-sweep"
 WORST = {"fail": 2, "skipped": 1, "pass": 0}
 
 
-def build_report(prepared, out: OutputFolder, jobs: list[dict], engine: dict, wall_s: float) -> dict:
+def build_report(prepared: Prepared, out: OutputFolder, jobs: list[dict], engine: dict, wall_s: float) -> dict:
     names = {n["id"]: n["name"] for n in engine.get("nodes", [])}
     for j in jobs:
         j["node_name"] = names.get(j.get("node"), j.get("node"))
@@ -70,7 +71,7 @@ def _row(model: str, check: str, status: str, reason: Optional[str] = None, devi
     return r
 
 
-def model_gate(prepared, out: OutputFolder, mj, mjobs: list[dict]) -> list[dict]:
+def model_gate(prepared: Prepared, out: OutputFolder, mj: ModelJobs, mjobs: list[dict]) -> list[dict]:
     plan, rows = prepared.plan, []
     job = {(j["kind"], j.get("device")): j for j in mjobs}
     exp = job.get(("export", None))
@@ -129,7 +130,8 @@ def _bench_gate(out: OutputFolder, model: str, device: str, job: Optional[dict])
 
 
 # ------------------------------------------------------------------------------------------ the table
-def model_rows(prepared, out: OutputFolder, mj, mjobs: list[dict], gate: list[dict], names: dict) -> list[dict]:
+def model_rows(prepared: Prepared, out: OutputFolder, mj: ModelJobs, mjobs: list[dict], gate: list[dict],
+               names: dict) -> list[dict]:
     m = out.manifest(mj.name)
     job = {(j["kind"], j.get("device")): j for j in mjobs}
     if m is None:  # the export failed: one row says so (the gate has the reason)

@@ -13,14 +13,14 @@ The check (accuracy budgets) runs here at the end, on the files the jobs wrote.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from edgepipe.export import CALIBRATED
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.sweep import cells, jobs
-from edgepipe.pipeline.sweep.engine import Placement, RayEngine
-from edgepipe.pipeline.sweep.plan import SweepPlan
+from edgepipe.pipeline.sweep.engine import Placement, RayEngine, SerialEngine
+from edgepipe.pipeline.sweep.plan import ModelJobs, Prepared, SweepPlan
 from edgepipe.pipeline.sweep.report import build_report, write_outputs
 from edgepipe.pipeline.sweep.state import OutputFolder, key_of
 
@@ -30,23 +30,6 @@ EXPORT_OUTPUTS = ("eval.json", "eval.log", "bench.json", "bench.md", "bench.html
 
 def _quiet(event: str, info: dict) -> None:
     pass
-
-
-@dataclass
-class ModelJobs:
-    name: str
-    model: dict
-    pairs: list[tuple[str, str]]
-    skipped: list[dict]
-    keys: dict = field(default_factory=dict)  # export, eval, bench:<device>
-
-
-@dataclass
-class Prepared:
-    plan: SweepPlan
-    models: list[ModelJobs]
-    selectors: set[str]
-    devices: list[str] = field(default_factory=list)  # resolved on an engine (resolve_devices)
 
 
 @dataclass
@@ -94,7 +77,7 @@ def _keys(plan: SweepPlan, models: list[ModelJobs]) -> None:
         mj.keys["eval"] = key_of("eval", mj.keys["export"], plan.eval)
 
 
-def resolve_devices(prepared: Prepared, engine) -> list[str]:
+def resolve_devices(prepared: Prepared, engine: SerialEngine | RayEngine) -> list[str]:
     """The plan's devices as names: registered here (serial, embedded) or owned by a node (cluster)."""
     plan, names = prepared.plan, []
     cluster = isinstance(engine, RayEngine) and engine.mode == "cluster"
@@ -212,7 +195,7 @@ def _summary(rec: dict, kind: str, model: str, device: Optional[str]) -> dict:
             "seconds": round(ended - started, 3) if started and ended else None}
 
 
-def run_sweep(prepared: Prepared, engine, progress: Progress = _quiet, junit: Optional[str] = None,
+def run_sweep(prepared: Prepared, engine: SerialEngine | RayEngine, progress: Progress = _quiet, junit: Optional[str] = None,
               markdown: Optional[str] = None) -> SweepResult:
     """Check the devices (against the cluster when joining one), run every job, write the reports, stop
     the engine. Ctrl-C cancels the jobs and stops what this run started."""

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from edgepipe.pipeline.base.manifest import MANIFEST_NAME, Manifest, artifact_problem
 from edgepipe.pipeline.base.util import write_json_atomic
@@ -129,7 +129,7 @@ class OutputFolder:
             write_bytes_atomic(folder / rel, data)
         write_json_atomic(folder / "eval.json", result["eval"])
 
-    def write_bench(self, name: str, device: str, result: dict, write_reports) -> None:
+    def write_bench(self, name: str, device: str, result: dict, write_reports: Callable[[dict, Path], object]) -> None:
         d = self.bench_dir(name, device)
         write_reports(result["report"], d)
         for rel, data in (result.get("files") or {}).items():
