@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from types import SimpleNamespace
 
 SSHD = "/usr/sbin/sshd"
 PY = sys.executable
+STRACE = shutil.which("strace")
 FAST_ENV = {  # the head notices a dead node in ~2 s instead of ~30 s
     "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "4", "RAY_health_check_initial_delay_ms": "1000",
@@ -173,20 +176,43 @@ def loopback_only(addr: str) -> bool:
     return addr in ("127.0.0.1", "::ffff:127.0.0.1")
 
 
+def traced(cmd: list[str], trace: Path) -> list[str]:
+    """``cmd`` under strace (when installed), logging every connect() and bind() of it and its children."""
+    if not STRACE:
+        return cmd
+    return [STRACE, "--seccomp-bpf", "-f", "-qq", "-e", "trace=connect,bind", "-o", str(trace), *cmd]
+
+
+_SOCK = re.compile(r'(connect|bind)\(\d+, \{sa_family=AF_INET6?, sin6?_port=htons\((\d+)\).*?inet_(?:addr|pton)\((?:AF_INET6, )?"([^"]+)"')
+
+
+def foreign_addresses(trace: Path) -> list[str]:
+    """Every connect()/bind() in a strace log to an address other than 127.0.0.1. The one exception:
+    psutil's IPv6 check in each Ray process binds [::1]:0 (IPv6 loopback) and closes it at once."""
+    bad = []
+    for line in trace.read_text().splitlines():
+        m = _SOCK.search(line)
+        if m and not (loopback_only(m.group(3)) or (m.group(1) == "bind" and m.group(3) == "::1" and m.group(2) == "0")):
+            bad.append(f"{m.group(1)} {m.group(3)}:{m.group(2)} (pid {line.split()[0]})")
+    return sorted(set(bad))
+
+
 # ------------------------------------------------------------------------------------------ Ray nodes
 class Node:
     """One `edgepipe node start ... --block` (a `ray start`) in its own session and temp dir."""
 
-    def __init__(self, name: str, devices: list[str], config: Path, env: dict, head_port: int | None = None,
-                 address: str | None = None, cpus: int = 1):
+    def __init__(self, name: str, devices: list[str], config: Path, env: dict, logs: Path,
+                 head_port: int | None = None, address: str | None = None, cpus: int = 1):
         self.name = name
         self.tmp = tempfile.mkdtemp(prefix=f"eprt-{name[:4]}-", dir="/tmp")  # short: unix socket paths
         args = ["node", "start", "--name", name, "--num-cpus", str(cpus), "--temp-dir", self.tmp,
                 "--config", str(config), "--block"]
         args += ["--devices", ",".join(devices)] if devices else []
         args += ["--head", "--port", str(head_port), "--node-ip", "127.0.0.1"] if head_port else ["--address", address]
-        self.log = open(Path(self.tmp) / "node.log", "w")
-        self.proc = subprocess.Popen([PY, "-m", "edgepipe.pipeline", *args], stdout=self.log, stderr=subprocess.STDOUT,
+        self.log_path, self.trace = logs / f"{name}.log", logs / f"{name}.trace"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(traced([PY, "-m", "edgepipe.pipeline", *args], self.trace), stdout=self.log,
+                                     stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**os.environ, **FAST_ENV, **AUTH_ENV, **env},
                                      start_new_session=True)
 
@@ -194,11 +220,20 @@ class Node:
     def pids(self) -> set[int]:
         return tree(self.proc.pid)
 
+    def kill(self) -> None:
+        """SIGKILL the node's whole process tree (a machine dying), strace aside: it then exits by
+        itself, with its log complete."""
+        for pid in self.pids - ({self.proc.pid} if STRACE else set()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
     def stop(self, hard: bool = False) -> None:
         """SIGTERM `ray start` (it stops its children), then SIGKILL whatever of its tree is left."""
         pids = self.pids
         if not hard and self.proc.poll() is None:
-            self.proc.terminate()
+            os.kill(self._ray_start_pid(), signal.SIGTERM)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -214,9 +249,17 @@ class Node:
         except subprocess.TimeoutExpired:
             pass
         self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _ray_start_pid(self) -> int:
+        """The `ray start` process: the Popen'd one, or strace's child when traced."""
+        if not STRACE:
+            return self.proc.pid
+        kids = [p for p in self.pids if (_stat(p) or (0, 0))[0] == self.proc.pid]
+        return kids[0] if kids else self.proc.pid
 
     def tail(self) -> str:
-        return (Path(self.tmp) / "node.log").read_text()[-3000:]
+        return self.log_path.read_text()[-3000:]
 
 
 CLUSTER_PROBE = """

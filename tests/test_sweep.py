@@ -141,6 +141,23 @@ def test_ctrl_c_leaves_nothing_running(tmp_path, engine):
 
 
 @needs_ray
+@pytest.mark.skipif(S.STRACE is None, reason="strace is not installed (apt install strace): cannot log connect()/bind()")
+def test_embedded_instance_binds_and_connects_to_loopback_only(tmp_path):
+    """A whole embedded sweep (Ray's servers, dashboard process, agents, workers, the export, bench
+    agent) under strace: every connect() and bind() is to 127.0.0.1."""
+    trace = tmp_path / "net.trace"
+    r = subprocess.run(S.traced([S.PY, "-m", "edgepipe.pipeline", "sweep", "--models", "mobilenet", "--weights", "none",
+                                 "--input-size", "32", "--alpha", "0.25", "--classes", "10", "--formats", "tflite",
+                                 "--runs", "2", "--min-seconds", "0", "--out", str(tmp_path / "out"), "--json"], trace),
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["engine"]["mode"] == "embedded"
+    assert len(trace.read_text().splitlines()) > 20
+    assert S.foreign_addresses(trace) == []
+
+
+@needs_ray
 def test_unreachable_cluster_is_a_one_line_error(tmp_path):
     port = S.free_port()
     r = S.cli("sweep", "--models", "mobilenet", "--weights", "none", "--input-size", "32", "--ray",

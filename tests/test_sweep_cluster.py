@@ -90,18 +90,24 @@ def cluster(tmp_path_factory):
     (pause / "release").touch()  # node2 pauses its jobs only while this is absent (the kill test)
     port = S.free_port()
     address = f"127.0.0.1:{port}"
-    nodes = [S.Node("head", ["board-a"], cfg["a"], {"EDGEPIPE_CACHE_DIR": str(d / "cache-head")}, head_port=port)]
+    nodes = [S.Node("head", ["board-a"], cfg["a"], {"EDGEPIPE_CACHE_DIR": str(d / "cache-head")}, d, head_port=port)]
+    started: set[int] = set()
+
+    def stop() -> None:
+        nonlocal started
+        started |= set().union(*(n.pids for n in nodes))
+        for n in reversed(nodes):
+            n.stop()
+
     try:
         S.wait_nodes(address, {"head"}, nodes)
         nodes.append(S.Node("node2", ["board-b"], cfg["b"], {"EDGEPIPE_CACHE_DIR": str(d / "cache-node2"),
-                                                             "EDGEPIPE_SWEEP_PAUSE": str(pause)}, address=address))
+                                                             "EDGEPIPE_SWEEP_PAUSE": str(pause)}, d, address=address))
         info = S.wait_nodes(address, {"head", "node2"}, nodes)
         yield SimpleNamespace(dir=d, address=address, head=nodes[0], node2=nodes[1], cfg=cfg, pause=pause,
-                              ids={n["name"]: n["id"] for n in info}, sshd=sshd)
+                              ids={n["name"]: n["id"] for n in info}, sshd=sshd, stop=stop, traces=[])
     finally:
-        started = set().union(*(n.pids for n in nodes))
-        for n in reversed(nodes):
-            n.stop()
+        stop()
         S.stop_sshd(sshd)
         assert not S.alive(started), "processes the test started are still running"
 
@@ -111,7 +117,11 @@ def driver_env(c, **extra) -> dict:
 
 
 def run_sweep(c, plan: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return S.cli("sweep", str(plan), *args, "--json", env=env or driver_env(c), timeout=timeout)
+    """`edgepipe sweep PLAN ARGS --json`, its connect()/bind() calls logged (see the last test)."""
+    trace = c.dir / f"driver-{len(c.traces)}.trace"
+    c.traces.append(trace)
+    return subprocess.run(S.traced([S.PY, "-m", "edgepipe.pipeline", "sweep", str(plan), *args, "--json"], trace),
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or driver_env(c))})
 
 
 def report_of(r: subprocess.CompletedProcess) -> dict:
@@ -228,13 +238,15 @@ def test_node_killed_mid_sweep(cluster, tmp_path):
     export/eval is retried on the head, its device's bench fails with the reason, the rest completes,
     and nothing half-written is left. Runs last: it ends node2."""
     out = tmp_path / "out"
+    for old in cluster.pause.glob("*.started"):
+        old.unlink()
     (cluster.pause / "release").unlink()
     proc = subprocess.Popen([S.PY, "-m", "edgepipe.pipeline", "sweep", str(write_plan(tmp_path, out, ["local", "board-b"])),
                              "--ray", cluster.address, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **driver_env(cluster)})
     try:
         marker = _wait_marker(cluster.pause, proc)
-        S.kill_tree(cluster.node2.proc.pid)
+        cluster.node2.kill()
         stdout, stderr = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -275,3 +287,15 @@ def _artifacts_intact(out: Path) -> None:
     for mf in out.glob("*/manifest.json"):
         m, folder = load_manifest(mf)
         assert all(artifact_problem(a, folder) is None for a in m.artifacts), mf
+
+
+@pytest.mark.skipif(S.STRACE is None, reason="strace is not installed (apt install strace): cannot log connect()/bind()")
+def test_nothing_but_loopback_was_bound_or_connected(cluster):
+    """Every connect() and bind() of every process of the cluster (nodes, their Ray servers, workers,
+    agents, jobs) and of the sweeps run against it went to 127.0.0.1 (runs last: it stops the cluster)."""
+    cluster.stop()  # strace writes its log out when the traced processes are gone
+    traces = [cluster.head.trace, cluster.node2.trace, *cluster.traces]
+    assert all(t.is_file() for t in traces)
+    assert sum(len(t.read_text().splitlines()) for t in traces) > 50, "the traces logged the cluster's sockets"
+    for t in traces:
+        assert S.foreign_addresses(t) == [], t

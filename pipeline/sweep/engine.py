@@ -109,6 +109,7 @@ class SerialEngine:
 def ray_job(spec: dict, payload: Optional[dict]) -> dict:
     """The Ray task: one job, recorded with the id of the node it ran on."""
     ray = raynet.import_ray()  # present wherever this runs (a Ray worker)
+    raynet.restore_env()
     _uncap_threads()
     return jobs.run_job(spec, payload, node=ray.get_runtime_context().get_node_id())
 
@@ -142,12 +143,15 @@ class RayEngine:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, devices: list[str]) -> None:
+        loop = self.address is None or raynet.is_loopback(self.address)
         if self.address is None:
             raynet.private_token()
             raynet.embedded_env()
+        if loop:
+            raynet.loopback_env()
         self.ray = raynet.require_ray("--ray" if self.address else "the embedded Ray engine")
         raynet.quiet_env()
-        if self.address is None or raynet.is_loopback(self.address):
+        if loop:
             raynet.keep_loopback()
         common = dict(namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
         if self.address is None:
@@ -163,6 +167,7 @@ class RayEngine:
             except Exception as e:  # noqa: BLE001 - Ray raises several types here
                 raise UserError(f"cannot join the Ray cluster at {self.address}: {str(e).splitlines()[0][:300]}",
                                 "Check the address `edgepipe node start --head` printed") from None
+        raynet.restore_env()  # the instance's processes have theirs; this one gets the user's back
         self._fn = self.ray.remote(ray_job)
         self.driver = self.ray.get_runtime_context().get_node_id()
 
@@ -295,9 +300,13 @@ def make_engine(serial: bool, address: Optional[str], cpus: Optional[int]) -> "S
     if serial:
         return SerialEngine()
     if address:
+        if raynet.is_loopback(address):
+            raynet.loopback_env()  # before Ray is imported (it reads some of it then)
         raynet.require_ray("--ray")
         return RayEngine(address, cpus)
     raynet.private_token()  # before Ray is imported: the embedded instance gets a token of its own
+    raynet.loopback_env()
     if raynet.import_ray() is None:
+        raynet.restore_env()
         return SerialEngine()
     return RayEngine(None, cpus)

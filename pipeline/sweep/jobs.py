@@ -109,7 +109,7 @@ def unpack(files: dict[str, bytes], dest: Path) -> Path:
 # ------------------------------------------------------------------------------------------ process hygiene
 def _pause(spec: dict) -> None:
     d = os.environ.get(PAUSE_ENV)
-    if not d:
+    if not d or Path(d, "release").exists():
         return
     Path(d, f"{spec['kind']}-{spec['model']['name']}-{os.getpid()}.started").write_text(spec["key"])
     deadline = time.monotonic() + PAUSE_MAX_S

@@ -30,6 +30,14 @@ DEVICE_PREFIX = "device:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Ray's own chatter that says nothing to an edgepipe user (set before Ray starts)
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
+# For the Ray processes of a loopback-only node: their node-address lookups answer 127.0.0.1 instead of
+# probing a route to 8.8.8.8, and the request Ray's dashboard makes to cloud metadata services
+# (169.254.169.254, metadata.google.internal) even with usage statistics off goes to a closed loopback
+# port instead. Jobs get the user's environment back (restore_env): a download still works there.
+_PROXY = "http://127.0.0.1:9"
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "http_proxy": _PROXY, "HTTP_PROXY": _PROXY,
+                "https_proxy": _PROXY, "HTTPS_PROXY": _PROXY, "no_proxy": "", "NO_PROXY": ""}
+SAVED_ENV = "EDGEPIPE_SWEEP_SAVED_ENV"
 
 
 def import_ray() -> Optional[Any]:
@@ -74,8 +82,10 @@ def is_loopback(address: Optional[str]) -> bool:
 
 
 def keep_loopback() -> None:
-    """Make this process's Ray keep 127.0.0.1 instead of swapping in the outward address (idempotent)."""
-    from ray._private import services  # the function Ray uses for exactly this swap
+    """Make this process's Ray keep 127.0.0.1 instead of swapping in the outward address, and answer
+    127.0.0.1 when it looks up its own node address (instead of probing a route to 8.8.8.8). Idempotent."""
+    from ray._private import services  # the functions Ray uses for exactly these
+    import ray.util
 
     if getattr(services.resolve_ip_for_localhost, "_edgepipe", False):
         return
@@ -84,8 +94,32 @@ def keep_loopback() -> None:
     def resolve(host: str) -> str:
         return LOOPBACK if host in (LOOPBACK, "localhost") else original(host)
 
+    def node_ip(address: Optional[str] = None) -> str:
+        return LOOPBACK
+
     resolve._edgepipe = True  # type: ignore[attr-defined]
     services.resolve_ip_for_localhost = resolve
+    services.get_node_ip_address = node_ip
+    ray.util.get_node_ip_address = node_ip
+
+
+def loopback_env() -> None:
+    """The environment of the Ray processes this process starts for a loopback-only node (inherited by
+    them): what it replaces is saved, and ``restore_env`` gives jobs the user's own back."""
+    if SAVED_ENV in os.environ:
+        return
+    os.environ[SAVED_ENV] = json.dumps({k: os.environ.get(k) for k in LOOPBACK_ENV})
+    os.environ.update(LOOPBACK_ENV)
+
+
+def restore_env() -> None:
+    """Undo ``loopback_env`` in this process (a job, or the driver once Ray has started)."""
+    raw = os.environ.pop(SAVED_ENV, None)
+    for k, v in (json.loads(raw) if raw else {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def private_token() -> None:
@@ -133,15 +167,17 @@ def node_start_argv(*, head: bool, address: Optional[str], port: Optional[int], 
     if head == bool(address):
         raise UserError("give either --head or --address HEAD:PORT", "Start the head first, then nodes with --address")
     argv = ["start", f"--resources={json.dumps({resource(d): 1 for d in devices})}", "--disable-usage-stats"]
+    node_ip = LOOPBACK if node_ip == "localhost" else node_ip
     if head:
         argv += ["--head", f"--port={port if port is not None else 6379}", "--include-dashboard=false"]
-        if node_ip:
-            argv.append(f"--node-ip-address={LOOPBACK if node_ip == 'localhost' else node_ip}")
     else:
         address = normalize_address(address)
         argv.append(f"--address={address}")
-        if node_ip or is_loopback(address):
-            argv.append(f"--node-ip-address={node_ip or LOOPBACK}")
+        node_ip = node_ip or (LOOPBACK if is_loopback(address) else None)
+    if node_ip:
+        argv.append(f"--node-ip-address={node_ip}")
+    if node_ip == LOOPBACK:  # workers take ports from the OS on 127.0.0.1 (the raylet would probe 0.0.0.0:PORT)
+        argv += ["--min-worker-port=0", "--max-worker-port=0"]
     argv += [f"--num-cpus={num_cpus}"] if num_cpus is not None else []
     argv += [f"--node-name={name}"] if name else []
     argv += [f"--temp-dir={temp_dir}"] if temp_dir else []
@@ -155,8 +191,9 @@ def main(argv: list[str]) -> int:
     quiet_env()
     loop = any(a.split("=", 1)[-1] in (LOOPBACK, "localhost") or is_loopback(a.split("=", 1)[-1])
                for a in argv if a.startswith(("--address=", "--node-ip-address=")))
-    if loop:
+    if loop:  # after importing Ray: `ray start` itself checks the constants it read then
         keep_loopback()
+        loopback_env()
     from ray.scripts.scripts import main as ray_main  # the `ray` command itself
 
     sys.argv = ["ray", *argv]
