@@ -140,6 +140,7 @@ class RayEngine:
         self.driver: Optional[str] = None
         self._checked = 0.0
         self._seen: dict[str, dict] = {}
+        self._fn: Any = None  # the Ray task (ray_job), made by start()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, devices: list[str]) -> None:
@@ -149,8 +150,8 @@ class RayEngine:
             raynet.embedded_env()
         if loop:
             raynet.loopback_env()
-        self.ray = raynet.require_ray("--ray" if self.address else "the embedded Ray engine")
         raynet.quiet_env()
+        self.ray = raynet.require_ray("--ray" if self.address else "the embedded Ray engine")
         if loop:
             raynet.keep_loopback()
         common = dict(namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)

@@ -109,7 +109,7 @@ def resolve_devices(prepared: Prepared, engine: SerialEngine | RayEngine) -> lis
 
 # ------------------------------------------------------------------------------------------ running
 class Sweep:
-    def __init__(self, prepared: Prepared, engine, progress: Progress = _quiet):
+    def __init__(self, prepared: Prepared, engine: SerialEngine | RayEngine, progress: Progress = _quiet):
         self.p, self.engine, self.progress = prepared, engine, progress
         self.out = OutputFolder(prepared.plan.out)
         self.jobs: list[dict] = []
@@ -195,8 +195,8 @@ def _summary(rec: dict, kind: str, model: str, device: Optional[str]) -> dict:
             "seconds": round(ended - started, 3) if started and ended else None}
 
 
-def run_sweep(prepared: Prepared, engine: SerialEngine | RayEngine, progress: Progress = _quiet, junit: Optional[str] = None,
-              markdown: Optional[str] = None) -> SweepResult:
+def run_sweep(prepared: Prepared, engine: SerialEngine | RayEngine, progress: Progress = _quiet,
+              junit: Optional[str] = None, markdown: Optional[str] = None) -> SweepResult:
     """Check the devices (against the cluster when joining one), run every job, write the reports, stop
     the engine. Ctrl-C cancels the jobs and stops what this run started."""
     clock = {"start": time.time()}
