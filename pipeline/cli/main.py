@@ -29,7 +29,8 @@ from edgepipe.pipeline.cli.common import console, debug_enabled, emit_json, set_
 from edgepipe.pipeline.logs import exit_output_to_last_log
 
 CLI_MODULES = ["edgepipe.pipeline.cli.export", "edgepipe.pipeline.cli.inspect", "edgepipe.pipeline.cli.bench",
-               "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices", "edgepipe.pipeline.cli.ledger"]
+               "edgepipe.pipeline.cli.eval", "edgepipe.pipeline.cli.devices", "edgepipe.pipeline.cli.ledger",
+               "edgepipe.pipeline.cli.sweep"]
 
 app = typer.Typer(
     name="edgepipe",
