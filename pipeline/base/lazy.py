@@ -24,6 +24,7 @@ HEAVY: dict[str, str] = {
     "coremltools": "3.1 s (imports TensorFlow when installed); Core ML export only",
     "coremltools.optimize.coreml": "3.0 s (imports coremltools); Core ML int8/palettized export only",
     "sklearn.datasets": "0.6 s (imports scipy); the built-in digits set only",
+    "ray": "1-2 s, optional (the cluster extra); `edgepipe sweep` on Ray and `edgepipe node` only",
     "sklearn.model_selection": "0.6 s (imports scipy); the built-in digits set's fixed split only",
 }
 

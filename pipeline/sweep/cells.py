@@ -1,27 +1,27 @@
-"""The one place the sweep calls edgepipe's library: export, eval, bench, check, and the checks a plan
-needs before anything runs. Everything crossing this seam is plain data (dicts, paths, lists), so
-the rest of pipeline/sweep does not depend on the library's classes, which are being renamed
-(export_stage.run_export -> api.export, evaluate.evaluate -> api.evaluate, measure.bench.run_bench /
-remote.runner.bench_devices -> api.bench, gate.run_check -> api.check): only this file changes then.
+"""The one place the sweep calls edgepipe's library (``edgepipe.pipeline.api`` and the devices
+facade): export, eval, bench, check, and the checks a plan needs before anything runs. Everything
+crossing this seam is plain data (dicts, paths, lists), so the rest of pipeline/sweep does not
+depend on the library's classes.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Optional
 
-from edgepipe.devices.measure.bench import BenchReport, BenchSettings, resolve_targets, run_bench
-from edgepipe.devices.measure.report import write_reports as write_bench_reports
-from edgepipe.devices.remote.runner import Registry, bench_devices, merge_reports
-from edgepipe.export import PRECISIONS, ExportOptions
-from edgepipe.export.onnx import ONNX_INT8_MODES
-from edgepipe.export.tflite import INT8_IO
-from edgepipe.pipeline import evaluate as evaluate_mod
-from edgepipe.pipeline import export_stage, gate, models
+from edgepipe.devices import (BenchReport, BenchSettings, Registry, bench_devices, parse_targets, run_bench,
+                              write_reports as write_bench_reports)
+from edgepipe.devices.remote.fleet import merge_reports
+from edgepipe.export import PRECISIONS
+from edgepipe.pipeline import api, gate, models
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import pkg_version
 from edgepipe.pipeline.calibration import Reader, make_reader
 from edgepipe.pipeline.datasets import check_spec
+from edgepipe.pipeline.eval_stage import resolve_targets as eval_targets
+from edgepipe.pipeline.export_plan import build_plan, format_options, prepare
+from edgepipe.pipeline.export_stage import run as run_export
 
 LOCAL = "local"  # the CPU of the machine that runs the sweep (bench's own meaning of "local")
 CALIB_METHODS = (None, "minmax", "entropy", "percentile")
@@ -44,18 +44,24 @@ def export_pairs(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], l
     """(format, precision) pairs a model can be exported to, and the ones its formats do not offer."""
     formats = list(dict.fromkeys(f for f, _ in pairs))
     precisions = list(dict.fromkeys(p for _, p in pairs))
-    plan, skipped = export_stage.build_plan(formats, precisions, False)
+    plan, skipped = build_plan(formats, precisions, False)
     wanted = set(pairs)
     return [fp for fp in plan if fp in wanted], skipped
 
 
+def format_option_values(exp: dict) -> dict:
+    """The plan's [export] format options, by the keys the formats declare."""
+    return {k: exp[k] for k in ("onnx_int8", "int8_io", "calib_method") if exp.get(k) is not None}
+
+
 def check_export_options(cal: dict, exp: dict) -> None:
-    if exp["onnx_int8"] not in ONNX_INT8_MODES:
-        raise UserError(f"unknown [export] onnx_int8 '{exp['onnx_int8']}'", f"Use one of: {', '.join(ONNX_INT8_MODES)}")
-    if exp["int8_io"] not in INT8_IO:
-        raise UserError(f"unknown [export] int8_io '{exp['int8_io']}'", f"Use one of: {', '.join(INT8_IO)}")
-    if exp["calib_method"] not in CALIB_METHODS:
-        raise UserError(f"unknown [export] calib_method '{exp['calib_method']}'", "Use minmax, entropy or percentile")
+    for key, choices in (("calib_method", CALIB_METHODS),):
+        if exp.get(key) not in choices:
+            raise UserError(f"unknown [export] {key} '{exp[key]}'", "Use minmax, entropy or percentile")
+    try:
+        format_options(format_option_values(exp))  # each format validates its own options
+    except UserError as e:
+        raise UserError(f"[export]: {e.message}", e.hint) from None
     if exp["verify_samples"] < 1 or cal["samples"] < 1:
         raise UserError("[export] verify_samples and [calibration] samples must be positive", "Give positive numbers")
     calibration_reader(cal, 0)
@@ -75,7 +81,7 @@ def check_eval(ev: dict) -> None:
     if ev.get("data") is None:
         return
     check_spec(ev["data"])
-    evaluate_mod.resolve_targets(ev["targets"])
+    eval_targets(ev["targets"])
     if ev["min_samples"] < 1 or (ev["limit"] is not None and ev["limit"] < 1):
         raise UserError("[eval] limit and min_samples must be positive", "Give positive numbers")
     if ev["threads"] is not None and ev["threads"] < 1:
@@ -83,7 +89,7 @@ def check_eval(ev: dict) -> None:
 
 
 def bench_settings(b: dict) -> BenchSettings:
-    return BenchSettings(targets=resolve_targets(b["targets"]), threads=b["threads"], runs=b["runs"],
+    return BenchSettings(targets=parse_targets(b["targets"]), threads=b["threads"], runs=b["runs"],
                          min_seconds=float(b["min_seconds"]), warmup=b["warmup"],
                          timeout_s=float(b["timeout"])).validate()
 
@@ -129,20 +135,21 @@ def fresh_keras() -> None:
 def export(m: dict, pairs: list[tuple[str, str]], cal: dict, exp: dict, out: Path) -> dict:
     """Export one model (every pair) into ``out``/<model>/; returns the manifest as a dict."""
     fresh_keras()
-    req = export_stage.ExportRequest(
-        model=model_request(m), plan=list(pairs), out=out, reader=calibration_reader(cal, m["seed"]),
-        calib_samples=cal["samples"], verify=exp["verify"], verify_samples=exp["verify_samples"],
-        use_cache=exp["cache"],
-        options=ExportOptions(seed=m["seed"], onnx_int8=exp["onnx_int8"], int8_io=exp["int8_io"],
-                              calib_method=exp["calib_method"]))
-    return export_stage.run_export(req).to_dict()
+    src = cal.get("source")
+    data, calib = (None, src) if src in ("digits", "random") else (src, None)
+    req = prepare(model_request(m), formats=list(dict.fromkeys(f for f, _ in pairs)),
+                  precisions=list(dict.fromkeys(p for _, p in pairs)), out=out, data=data, calib=calib,
+                  calib_samples=cal["samples"], options=format_option_values(exp), seed=m["seed"],
+                  verify=exp["verify"], verify_samples=exp["verify_samples"], cache=exp["cache"])
+    req = dataclasses.replace(req, plan=[fp for fp in req.plan if fp in set(pairs)])  # exactly the plan's cells
+    return run_export(req).manifest.to_dict()
 
 
 def evaluate(folder: Path, ev: dict) -> dict:
     """eval.json's content for the export in ``folder`` (written there too)."""
-    req = evaluate_mod.EvalRequest(folder, ev["data"], targets=ev["targets"], limit=ev["limit"],
-                                   min_samples=ev["min_samples"], labels_map=ev["labels_map"], threads=ev["threads"])
-    return evaluate_mod.evaluate(req)
+    result = api.evaluate(folder, ev["data"], targets=ev["targets"], limit=ev["limit"], min_samples=ev["min_samples"],
+                          labels_map=ev["labels_map"], threads=ev["threads"])
+    return result.to_dict()
 
 
 def bench(folder: Path, device: str, b: dict) -> dict:

@@ -22,6 +22,7 @@ import secrets
 import sys
 from typing import Any, Callable, Optional
 
+from edgepipe.pipeline.base import lazy
 from edgepipe.pipeline.base.errors import UserError
 
 LOOPBACK = "127.0.0.1"
@@ -43,10 +44,9 @@ SAVED_ENV = "EDGEPIPE_SWEEP_SAVED_ENV"
 def import_ray() -> Optional[Any]:
     """The ``ray`` module, or None when the cluster extra is not installed."""
     try:
-        import ray  # heavy, optional: imported here only
+        return lazy.load("ray")  # heavy and optional (the cluster extra)
     except ImportError:
         return None
-    return ray
 
 
 def require_ray(what: str) -> Any:
