@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# System packages for the ledger tests (run as root; idempotent).
+# System packages for the ledger and sweep tests (run as root; idempotent).
 #
 #   postgresql   a real PostgreSQL server: the ledger tests run on SQLite and on PostgreSQL
 #   chromium     a headless browser: the history page is opened, screenshotted and its requests logged
+#   strace       the sweep's cluster tests log every connect()/bind() of the Ray processes they start
 #
 # Services are never started here: the tests start their own PostgreSQL cluster in a temporary
 # folder (unix socket only, as the postgres user) and stop it by its pid.
@@ -13,12 +14,13 @@ log() { echo "service-deps: $*" >&2; }
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 if [ "${#need[@]}" = 0 ]; then
-  log "postgresql ($(ls -d /usr/lib/postgresql/*/ | xargs -n1 basename | tr '\n' ' '| sed 's/ $//')) and chromium already installed"
+  log "postgresql ($(ls -d /usr/lib/postgresql/*/ | xargs -n1 basename | tr '\n' ' '| sed 's/ $//')), chromium and strace already installed"
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
-  log "not root; skipping (install ${need[*]} yourself for the ledger's PostgreSQL and browser tests)"
+  log "not root; skipping (install ${need[*]} yourself for the ledger's PostgreSQL and browser tests and the sweep's network checks)"
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
