@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 import digits_model
 from conftest import run_cli
@@ -25,7 +26,7 @@ from test_ledger_cli import _LOCKER
 from edgepipe.pipeline.base.evaluation import EVAL_NAME, drops
 from edgepipe.pipeline.base.manifest import Artifact, Manifest, SourceModel, Verification
 from edgepipe.pipeline.cli.main import main
-from edgepipe.pipeline.ledger import Ledger, resolve_run, runs
+from edgepipe.pipeline.ledger import Ledger, resolve_run, runs, schema
 
 QUICK = ("--targets", "cpu", "--runs", "20", "--min-seconds", "0.2", "--warmup", "2", "--threads", "1")
 
@@ -93,8 +94,14 @@ def test_bench_eval_check_are_recorded_and_the_latency_gate_judges(export, tmp_p
                 e = got[row["artifact"]]
                 assert e.samples == row["samples_ms"] and len(e.samples) >= 20
                 assert e.sha256 == shas[row["artifact"]] and e.threads == 1 and e.cpu
-        conds = {r["id"]: r for r in runs(ledger, "bench", None, 10)}
-        assert set(conds) == {b1["ledger"]["run_id"], b2["ledger"]["run_id"]}
+        assert {r["id"] for r in runs(ledger, "bench", None, 10)} == {b1["ledger"]["run_id"], b2["ledger"]["run_id"]}
+        with ledger.read() as conn:
+            head = conn.execute(select(schema.runs.c.conditions, schema.runs.c.source)
+                                .where(schema.runs.c.id == b2["ledger"]["run_id"])).one()
+    conds = head.conditions
+    assert conds["threads"] == 1 and conds["host"]["cpu"]["model"] and conds["runtime_versions"]
+    assert len(conds["loadavg_before"]) == 3 and len(conds["loadavg_after"]) == 3 and conds["node"]
+    assert head.source == str(export / "bench.json")
 
     ev = _ok_json(run_cli("eval", str(export), "--data", "digits", "--targets", "cpu", "--limit", "150", *led, "--json"))
     assert ev["ledger"]["kind"] == "eval" and len(ev["ledger"]["rows"]["eval_rows"]) == len(ev["results"])
@@ -253,6 +260,10 @@ def test_both_gates_are_judged_before_check_fails(tmp_path):
     with Ledger.open(led) as ledger:
         (run,) = runs(ledger, "check", None, 5)
     assert run["rows"] == 4 and d["ledger"]["run_id"] == run["id"]
+    (tmp_path / "check.json").write_text(out)  # `check --json` output records both gates again, as written
+    assert main(["ledger", "record", str(tmp_path / "check.json"), "--ledger", str(tmp_path / "other.sqlite")]) == 0
+    with Ledger.open(tmp_path / "other.sqlite") as ledger:
+        assert [r["rows"] for r in runs(ledger, "check", None, 5)] == [4]
 
 
 def test_accuracy_gate_needs_no_bench_and_latency_gate_needs_one(tmp_path):
