@@ -5,9 +5,9 @@
     python benchmarks/bench_ledger.py --export DIR         # bench this export (default: the tests' tiny one)
 
 1. Overhead. A real bench of a small export (TFLite fp32/int8 + ONNX fp32, cpu, the default 50 runs /
-   1 s per row), run the way the wired `edgepipe bench` runs it (a ``Recorder`` opens the ledger while
-   the rows are measured; the report is written, then recorded), in a fresh process per run, with and
-   without recording, alternating, ``--rounds`` times. Figures: the whole-process wall-time ratio,
+   1 s per row) through ``edgepipe.pipeline.api.bench`` as `edgepipe bench` calls it (a ``Recorder``
+   opens the ledger while the rows are measured; the report is written, then recorded), in a fresh
+   process per run, with and without recording (``record=False``), alternating, ``--rounds`` times. Figures: the whole-process wall-time ratio,
    and the time recording adds after the report is written (its share of the run).
 2. History. A ledger of 100,000 bench rows (2,000 runs x 50 rows: 5 models x 5 artifacts x 2 targets,
    50 raw samples each) is built once, then `history` is timed in-process (filtered by model,
@@ -35,25 +35,28 @@ from edgepipe.pipeline.ledger import Ledger, history  # noqa: E402
 from edgepipe.pipeline.ledger import schema  # noqa: E402
 from edgepipe.pipeline.ledger.record import bench_run  # noqa: E402
 
-# What `edgepipe bench` does once wired (see docs/ledger.md, "Wiring"): the Recorder opens the ledger in a
-# thread while the bench prepares, and is waited for before the first row is timed; the report is written,
-# then recorded.
+# `edgepipe bench`'s library call, as the CLI makes it (api.bench: the Recorder opens the ledger in a thread
+# while the bench prepares and is waited for before the first row is timed; the reports are written, then
+# recorded). Recorder.record_bench is wrapped only to time it: the tail the run pays after its reports.
 _DRIVER = """
 import json, sys, time
 t0 = time.perf_counter()
-from edgepipe.devices.measure.bench import BenchSettings, run_bench, write_reports
-from edgepipe.pipeline import ledger
+from edgepipe.pipeline import api
+from edgepipe.pipeline.ledger.recorder import Recorder
 export, out, spec = sys.argv[1:4]
-rec = ledger.Recorder(spec, disabled=spec == "none")
-report = run_bench(export, settings=BenchSettings(targets=["cpu"], artifacts=["tflite-fp32", "tflite-int8", "onnx-fp32"]),
-                   progress=lambda event, *a: rec.wait())
-paths = write_reports(report, out)
-t1 = time.perf_counter()
-done = rec.record_bench(report, source=paths["json"])
-t2 = time.perf_counter()
-rec.close()
-print(json.dumps({"tail_s": t2 - t1, "prepare_s": rec.prepare_s, "wall_s": t2 - t0, "samples": sum(len(r.samples_ms) for r in report.rows),
-                  "run_id": done.run_id if done else None}))
+timed = {"tail_s": 0.0, "prepare_s": None}
+record_bench = Recorder.record_bench
+def timed_record(self, *a, **k):
+    t = time.perf_counter()
+    try:
+        return record_bench(self, *a, **k)
+    finally:
+        timed["tail_s"], timed["prepare_s"] = time.perf_counter() - t, self.prepare_s
+Recorder.record_bench = timed_record
+report = api.bench(export, "cpu", artifacts=["tflite-fp32", "tflite-int8", "onnx-fp32"], out=out,
+                   ledger=None if spec == "none" else spec, record=spec != "none")
+print(json.dumps({**timed, "wall_s": time.perf_counter() - t0, "samples": sum(len(r.samples_ms) for r in report.rows),
+                  "run_id": report.ledger.run_id if report.ledger else None}))
 """
 
 
@@ -98,18 +101,19 @@ def same_code_twice(export: Path, work: Path, runs: int) -> dict:
 
     led = str(work / "aa.sqlite")
     ids = [_drive(export, work / f"aa{i}", led)[1]["run_id"] for i in range(runs)]
-    sig = fails = rows = 0
+    sig = named = fails = rows = 0
     loads = []
     with Ledger.open(led) as ledger:
         for a, b in zip(ids, ids[1:]):
             ra, rb = resolve_run(str(a), ledger), resolve_run(str(b), ledger)
-            cmp = compare_runs(ra, rb)
+            cmp = compare_runs(ra, rb)  # --min-change 5 (the default)
             gate = gate_runs(ra, rb, 5.0)
             rows += len(cmp.compared)
             sig += sum(r.ci.significant for r in cmp.compared)
+            named += sum(r.verdict in ("slower", "faster") for r in cmp.compared)
             fails += len(gate.failed)
-            loads.append(rb.load)
-    return {"pairs": runs - 1, "rows": rows, "significant": sig, "gate5_failures": fails,
+            loads.append(max(x for x in (ra.load, rb.load, 0.0) if x is not None))
+    return {"pairs": runs - 1, "rows": rows, "significant": sig, "named": named, "gate5_failures": fails,
             "load": max(x for x in loads if x is not None) if any(x is not None for x in loads) else None}
 
 
@@ -186,9 +190,11 @@ def main() -> None:
             export = args.export or _export(work / "tiny-export")
             print(f"3. A/A: the same export benched {args.aa} times, each run compared with the previous one")
             a = same_code_twice(export, work, args.aa)
-            print(f"   {a['pairs']} pairs, {a['rows']} rows compared: {a['significant']} called significant "
-                  f"({a['significant'] / max(1, a['rows']):.0%}), {a['gate5_failures']} latency-gate failures at a 5% "
-                  f"budget ({a['gate5_failures'] / max(1, a['rows']):.0%}); highest load average {a['load']}")
+            n = max(1, a["rows"])
+            print(f"   {a['pairs']} pairs, {a['rows']} rows compared: {a['significant']} significant "
+                  f"({a['significant'] / n:.0%}), {a['named']} called slower/faster by compare (significant and at "
+                  f"least 5%: {a['named'] / n:.0%}), {a['gate5_failures']} latency-gate failures at a 5% budget "
+                  f"({a['gate5_failures'] / n:.0%}); highest load average {a['load']}")
         targets = [] if args.skip_history else [("sqlite", str(work / "big.sqlite"))]
         targets += [("postgresql", args.postgres)] if args.postgres else []
         for kind, url in targets:

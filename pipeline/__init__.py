@@ -2,6 +2,7 @@
 
     from edgepipe.pipeline import export, bench, evaluate, check, inspect   # one per command
     from edgepipe.pipeline import compare, load_manifest, Manifest, EvalResult, CheckResult
+    from edgepipe.pipeline import history, compare_runs, latency_gate, select_artifact    # the results ledger
 
 Names are resolved lazily (PEP 562), so that importing the base layer
 (``edgepipe.pipeline.base``), which every package builds on, never imports the stages.
@@ -21,6 +22,13 @@ _EXPORTS = {
     "enforce_bench": "edgepipe.pipeline.api",
     "enforce_eval": "edgepipe.pipeline.api",
     "enforce_check": "edgepipe.pipeline.api",
+    "history": "edgepipe.pipeline.api",
+    "compare_runs": "edgepipe.pipeline.api",
+    "latency_gate": "edgepipe.pipeline.api",
+    "enforce_latency": "edgepipe.pipeline.api",
+    "select_artifact": "edgepipe.pipeline.api",
+    "enforce_selection": "edgepipe.pipeline.api",
+    "Recorded": "edgepipe.pipeline.base.recorded",
     "EvalResult": "edgepipe.pipeline.base.evaluation",
     "EvalRow": "edgepipe.pipeline.base.evaluation",
     "load_eval": "edgepipe.pipeline.base.evaluation",

@@ -28,13 +28,14 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from edgepipe.devices.graph.edgetpu import require_full_edgetpu
 from edgepipe.export.base import PRECISIONS
 from edgepipe.pipeline.base.errors import GateFailure, UserError
 from edgepipe.pipeline.base.evaluation import METRIC_LABELS, METRICS, EvalResult, EvalRow, load_eval
 from edgepipe.pipeline.base.manifest import Manifest, load_manifest
+from edgepipe.pipeline.base.recorded import Recorded
 from edgepipe.pipeline.base.util import write_text_atomic
 
 EPS = 1e-9
@@ -110,6 +111,8 @@ class CheckResult:
     rows: list[CheckRow]
     warnings: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)  # report files written (JUnit, Markdown, step summary)
+    latency: Optional[Any] = None  # the latency gate's result (ledger.LatencyGateResult) when check had a baseline
+    ledger: Optional[Recorded] = None  # where this check was recorded
 
     @property
     def failed(self) -> list[CheckRow]:
@@ -120,11 +123,14 @@ class CheckResult:
         return not self.failed
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "folder": self.folder, "passed": self.passed,
+        passed = self.passed and (self.latency is None or self.latency.passed)  # both gates: what the exit code says
+        return {"model": self.model, "folder": self.folder, "passed": passed,
                 "failed": len(self.failed), "checks": len(self.rows),
                 "skipped": sum(r.status == "skipped" for r in self.rows),
                 "dataset": self.dataset, "config": asdict(self.config),
-                "rows": [asdict(r) | {"name": r.name} for r in self.rows], "warnings": list(self.warnings)}
+                "rows": [asdict(r) | {"name": r.name} for r in self.rows], "warnings": list(self.warnings),
+                **({"latency": self.latency.to_dict()} if self.latency is not None else {}),
+                **({"ledger": self.ledger.to_dict()} if self.ledger is not None else {})}
 
     def summary_line(self) -> str:
         n = len([r for r in self.rows if r.status != "skipped"])

@@ -38,6 +38,20 @@ def session_cache(tmp_path_factory) -> Path:
         os.environ["EDGEPIPE_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_ledger(tmp_path_factory) -> Path:
+    """A fresh results ledger ($EDGEPIPE_LEDGER) under this session's temp dir: every bench, eval and check
+    the tests run is recorded (as a user's would be), never into the user's real ledger."""
+    p = tmp_path_factory.mktemp("edgepipe-ledger") / "ledger.sqlite"
+    old = os.environ.get("EDGEPIPE_LEDGER")
+    os.environ["EDGEPIPE_LEDGER"] = str(p)
+    yield p
+    if old is None:
+        os.environ.pop("EDGEPIPE_LEDGER", None)
+    else:
+        os.environ["EDGEPIPE_LEDGER"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_keras_files(tmp_path_factory):
     """A small CNN saved as .keras, legacy .h5 and a SavedModel folder."""

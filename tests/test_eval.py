@@ -226,6 +226,8 @@ def _eval_json(folder: Path, *args: str) -> dict:
     res = run_cli("eval", str(folder), *args, "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
+    recorded = out.pop("ledger")  # where it was recorded (the session's ledger): --json only, never in eval.json
+    assert recorded["kind"] == "eval" and len(recorded["rows"]["eval_rows"]) == len(out["results"])
     assert out == load_eval(folder)[0].to_dict()
     return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgepipe.pipeline.ledger.compare import compare_runs
 from edgepipe.pipeline.ledger.latency import gate_runs
 from edgepipe.pipeline.ledger.query import BenchEntry, RunData
 from edgepipe.pipeline.ledger.stats import bootstrap_medians, median_ratio, naive_bootstrap_ratio
@@ -74,22 +75,40 @@ def test_known_shifts_called_right(kind):
 
 
 @pytest.mark.parametrize("kind", ["lognormal", "heavy"])
+def test_compare_names_only_changes_beyond_the_threshold(kind):
+    """A significant 3% change is "within threshold" at the default 5%; --min-change 0 calls it slower."""
+    rng = np.random.default_rng(7)
+    base = _draw(rng, 200, kind)
+
+    def verdict(factor: float, min_change: float = 5.0) -> str:
+        cur = _draw(np.random.default_rng(8), 200, kind) * factor
+        return compare_runs(_entries(base, "A"), _entries(cur, "B"), min_change=min_change).rows[0].verdict
+
+    assert verdict(1.0) == "no significant change"
+    assert verdict(1.03) == "within threshold" and verdict(1.03, 0.0) == "slower"
+    assert verdict(1.10) == "slower" and verdict(0.90) == "faster"
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "heavy"])
 @pytest.mark.parametrize("n", [50, 200])
 def test_false_alarm_rate_on_noise_and_power(kind, n, capsys):
     rng = np.random.default_rng(1000 + n)
-    sig = gate_fail = gate_3 = gate_10 = 0
+    sig = beyond = gate_fail = gate_3 = gate_10 = 0
     for i in range(DRAWS):
         a, b = _draw(rng, n, kind), _draw(rng, n, kind)
         c = median_ratio(a, b, seed=i)
         sig += c.significant
+        beyond += c.significant and abs(c.ratio - 1.0) >= 0.05  # compare's "slower"/"faster" (--min-change 5)
         gate_fail += c.exceeds(5.0)
         gate_3 += median_ratio(a, _draw(rng, n, kind) * 1.03, seed=i).exceeds(5.0)
         gate_10 += median_ratio(a, _draw(rng, n, kind) * 1.10, seed=i).exceeds(5.0)
-    rates = {"compare_false_alarm": sig / DRAWS, "gate5_false_alarm_noise": gate_fail / DRAWS,
+    rates = {"compare_false_alarm": sig / DRAWS, "compare5_false_alarm": beyond / DRAWS,
+             "gate5_false_alarm_noise": gate_fail / DRAWS,
              "gate5_fails_3pct": gate_3 / DRAWS, "gate5_catches_10pct": gate_10 / DRAWS}
     with capsys.disabled():
         print(f"\n[ledger stats] {kind} noise, n={n}, {DRAWS} draws: " +
               ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     assert 0.01 <= rates["compare_false_alarm"] <= 0.08  # nominal 5% for a 95% interval
+    assert rates["compare5_false_alarm"] == 0.0  # sampling noise never moves these medians by 5%
     assert rates["gate5_false_alarm_noise"] == 0.0 and rates["gate5_fails_3pct"] <= 0.01
     assert rates["gate5_catches_10pct"] >= 0.9

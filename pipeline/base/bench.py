@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.recorded import Recorded
 from edgepipe.pipeline.base.util import write_json_atomic
 
 SCHEMA_VERSION = 1
@@ -87,9 +88,13 @@ class BenchReport:
     devices: dict = field(default_factory=dict)  # device name -> its identity and facts (one per runner)
     schema_version: int = SCHEMA_VERSION
     kind: str = REPORT_KIND
+    ledger: Optional[Recorded] = None  # where it was recorded (set after bench.json is written; never in it)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.ledger is None:
+            del d["ledger"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "bench report") -> "BenchReport":
@@ -107,8 +112,10 @@ class BenchReport:
             rows = [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in d.get("rows", [])]
         except TypeError as e:
             raise UserError(f"{source} has malformed rows ({e})", "Re-run `edgepipe bench`") from e
-        top = {f.name for f in fields(cls)} - {"rows"}
-        return cls(rows=rows, **{k: v for k, v in d.items() if k in top})
+        top = {f.name for f in fields(cls)} - {"rows", "ledger"}
+        rec = d.get("ledger")
+        return cls(rows=rows, **{k: v for k, v in d.items() if k in top},
+                   ledger=Recorded.from_dict(rec) if isinstance(rec, dict) and "run_id" in rec else None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BenchReport":

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.manifest import find_manifest
+from edgepipe.pipeline.base.recorded import Recorded
 
 EVAL_NAME = "eval.json"
 EVAL_KIND = "edgepipe-eval"
@@ -160,6 +161,7 @@ class EvalResult:
     unit: str = "percent"
     notes: list[str] = field(default_factory=list)  # warnings for the reader (written only when there are some)
     extra: dict = field(default_factory=dict)
+    ledger: Optional[Recorded] = None  # where it was recorded (set after eval.json is written; never in it)
 
     @property
     def errors(self) -> list[EvalRow]:
@@ -183,11 +185,12 @@ class EvalResult:
                 "targets": list(self.targets), "device": self.device, "unit": self.unit,
                 "dataset": self.dataset, "source": self.source, "results": [r.to_dict() for r in self.results],
                 "seconds": self.seconds, "tensorflow_imported": self.tensorflow_imported,
-                **({"notes": list(self.notes)} if self.notes else {}), **self.extra}
+                **({"notes": list(self.notes)} if self.notes else {}), **self.extra,
+                **({"ledger": self.ledger.to_dict()} if self.ledger is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvalResult":
-        names = {f.name for f in fields(cls)} - {"extra", "results"}
+        names = {f.name for f in fields(cls)} - {"extra", "results", "ledger"}
         res = cls(**{k: v for k, v in d.items() if k in names and k in d},
                   results=[EvalRow.from_dict(r) for r in d.get("results") or []])
         res.extra = {k: v for k, v in d.items() if k not in names and k != "results"}

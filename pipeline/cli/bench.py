@@ -16,7 +16,8 @@ from edgepipe.devices.measure.report import _agreement_text, _ms, _placement_tex
 from edgepipe.pipeline import api
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import write_text_atomic
-from edgepipe.pipeline.cli.common import RowProgress, console, debug_enabled, emit_json, table
+from edgepipe.pipeline.cli.common import (LEDGER_HELP, NO_LEDGER_HELP, RowProgress, console, debug_enabled, emit_json,
+                                          sentence, table)
 from edgepipe.pipeline.logs import terminal
 
 _PATH_HELP = "The folder `edgepipe export` wrote, its manifest.json, or a standalone .tflite/.onnx file."
@@ -53,17 +54,21 @@ def bench(
                                                     help="adb devices: TFLite's benchmark_model built for the phone."),
     config: Optional[str] = typer.Option(None, "--config", help="Device registry (default: $EDGEPIPE_CONFIG, "
                                                                 "else $XDG_CONFIG_HOME/edgepipe/devices.json)."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
+    no_ledger: bool = typer.Option(False, "--no-ledger", help=NO_LEDGER_HELP),
 ) -> None:
     out_dir = api.results_dir(out_or_manifest, out)
     with terminal() as term, RowProgress(console(file=term), quiet=json_, unit="rows") as prog:
         rep = api.bench(out_or_manifest, targets, device=device, threads=threads, runs=runs, min_seconds=min_seconds,
                         warmup=warmup, artifacts=_ids(artifacts), profile=profile, inputs=inputs, timeout=timeout,
                         out=out_dir, compare_to=compare_to, threshold=threshold, config=config,
-                        benchmark_binary=benchmark_binary, progress=_on_row(prog), log=not debug_enabled())
+                        benchmark_binary=benchmark_binary, progress=_on_row(prog), log=not debug_enabled(),
+                        ledger=ledger, record=not no_ledger)
     cmp = api.bench_comparison(rep, compare_to, threshold)
     paths = {k: out_dir / name for k, name in api.BENCH_FILES.items()}
     if json_:
         d = rep.to_dict()
+        d.setdefault("ledger", None)
         d["written"] = {k: str(v) for k, v in paths.items()}
         if cmp is not None:
             d["comparison"] = cmp.to_dict()
@@ -117,6 +122,8 @@ def _print_summary(report: BenchReport, cmp, paths: dict) -> None:
     log = paths["json"].parent / "bench.log"
     logged = f"; runtime logs in {log}" if log.is_file() else ""
     con.print(f"Wrote {paths['json']}, {paths['md'].name}, {paths['html'].name}{logged}", soft_wrap=True)
+    if report.ledger is not None:
+        con.print(sentence(report.ledger.summary()), soft_wrap=True)
 
 
 def _print_comparison(con, cmp) -> None:

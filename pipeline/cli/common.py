@@ -17,6 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 PIPE_WIDTH = 200
+LEDGER_HELP = ("The results ledger: a SQLite file or a postgresql://USER@HOST/DB URL (default: $EDGEPIPE_LEDGER, else "
+               "$XDG_DATA_HOME/edgepipe/ledger.sqlite).")
+NO_LEDGER_HELP = "Do not record this run in the ledger (also: EDGEPIPE_LEDGER=off)."
 
 _state = {"debug": bool(os.environ.get("EDGEPIPE_DEBUG"))}
 
@@ -44,6 +47,11 @@ def table(*columns: str, **kw: Any) -> Table:
     for c in columns:
         t.add_column(c, overflow="fold")
     return t
+
+
+def sentence(text: str) -> str:
+    """'recorded bench run 3 ...' -> 'Recorded bench run 3 ...' (the rest, paths included, untouched)."""
+    return text[:1].upper() + text[1:]
 
 
 def emit_json(obj: Any) -> None:

@@ -9,7 +9,8 @@ from rich.console import Console
 
 from edgepipe.pipeline import api
 from edgepipe.pipeline.base.evaluation import METRIC_LABELS, EvalResult, EvalRow
-from edgepipe.pipeline.cli.common import RowProgress, console, debug_enabled, emit_json, table
+from edgepipe.pipeline.cli.common import (LEDGER_HELP, NO_LEDGER_HELP, RowProgress, console, debug_enabled, emit_json,
+                                          sentence, table)
 from edgepipe.pipeline.gate import CheckResult, points_text
 from edgepipe.pipeline.logs import terminal
 
@@ -43,7 +44,10 @@ def eval_cmd(
                                                                         "torch, when the file does not record it."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.log (default: the export "
                                                            "folder; edgepipe-out/<name>/ for a file)."),
-    json_out: bool = typer.Option(False, "--json", help="Print eval.json on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print eval.json on stdout (and where it was recorded, "
+                                                        "under \"ledger\")."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
+    no_ledger: bool = typer.Option(False, "--no-ledger", help=NO_LEDGER_HELP),
 ) -> None:
     """Accuracy of the source model and every artifact on a labelled set; writes eval.json."""
     with terminal() as term, RowProgress(console(file=term), quiet=json_out) as prog:
@@ -51,9 +55,9 @@ def eval_cmd(
                            labels_map=labels_map, source_model=source_model,
                            artifacts=[a.strip() for a in artifacts.split(",") if a.strip()] if artifacts else None,
                            threads=threads, device=device, config=config, preprocess=preprocess, out=out,
-                           progress=_on_event(prog), log=not debug_enabled())
+                           progress=_on_event(prog), log=not debug_enabled(), ledger=ledger, record=not no_ledger)
     if json_out:
-        emit_json(res.to_dict())
+        emit_json({**res.to_dict(), "ledger": res.ledger.to_dict() if res.ledger else None})
     else:
         _print_eval(res, api.results_dir(model_dir, out))
     for w in res.notes:
@@ -108,6 +112,8 @@ def _print_eval(res: EvalResult, out_dir: Path) -> None:
     log = out_dir / "eval.log"
     logged = f"; runtime logs in {log}" if log.is_file() else ""
     c.print(f"{head}wrote {out_dir / 'eval.json'} ({res.seconds:.1f} s){logged}", soft_wrap=True)
+    if res.ledger is not None:
+        c.print(sentence(res.ledger.summary()), soft_wrap=True)
 
 
 def _eval_cells(r: EvalRow, with_source: bool) -> list[str]:
@@ -139,15 +145,30 @@ def check_cmd(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown summary here (also appended to "
                                                                      "$GITHUB_STEP_SUMMARY when set)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Also gate latency: the bench.json beside the "
+                                                                    "manifest against this run (a ledger run id, "
+                                                                    "'latest~1', or a bench.json)."),
+    max_slowdown: float = typer.Option(5.0, "--max-slowdown", help="With --baseline: fail a row slower than this many "
+                                                                   "percent with 95% confidence."),
+    force: bool = typer.Option(False, "--force", help="With --baseline: gate even when the runs' conditions differ "
+                                                      "(threads, CPU, runtime version, device)."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
+    no_ledger: bool = typer.Option(False, "--no-ledger", help=NO_LEDGER_HELP),
 ) -> None:
-    """CI gate: exit 1 when an artifact loses more accuracy than its budget allows."""
+    """CI gate: exit 1 when an artifact loses more accuracy than its budget allows (or, with --baseline, runs
+    slower than --max-slowdown allows). --junit/--markdown hold both gates."""
     res = api.check(model_dir, max_drop, metric=metric, max_drop_for=max_drop_for, require_verified=require_verified,
                     require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source,
-                    junit=junit, markdown=markdown)
+                    junit=junit, markdown=markdown, baseline=baseline, max_slowdown=max_slowdown, force=force,
+                    ledger=ledger, record=not no_ledger)
     if json_out:
-        emit_json({**res.to_dict(), "reports": res.reports})
+        emit_json({**res.to_dict(), "reports": res.reports, "ledger": res.ledger.to_dict() if res.ledger else None})
     else:
         _print_check(res, console(stderr=False))
+        if res.latency is not None:
+            _print_latency(res.latency, console(stderr=False))
+        if res.ledger is not None:
+            console(stderr=False).print(sentence(res.ledger.summary()), soft_wrap=True)
     for w in res.warnings:
         console().print(f"[bold yellow]warning:[/] {w}", soft_wrap=True)
     api.enforce_check(res)
@@ -161,5 +182,19 @@ def _print_check(res: CheckResult, c: Console) -> None:
                   _f(r.artifact_value), _f(r.drop), "-" if r.budget is None else points_text(r.budget), style[r.status])
     c.print(t)
     for r in res.rows:
+        if r.reason and r.status != "pass":
+            c.print(f"[{'red' if r.status == 'fail' else 'yellow'}]{r.name}[/]: {r.reason}", soft_wrap=True)
+
+
+def _print_latency(lat, c: Console) -> None:
+    t = table("artifact", "target", "device", "baseline ms", "current ms", "change", "95% CI", "budget", "result",
+              title=f"{lat.summary_line()} (baseline: {lat.baseline})")
+    style = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "skipped": "[yellow]skipped[/]"}
+    for r in lat.rows:
+        ci = "-" if not r.ci95_pct else f"{r.ci95_pct[0]:+.1f}% … {r.ci95_pct[1]:+.1f}%"
+        t.add_row(r.artifact, r.target, r.device, _f(r.baseline_p50, 4), _f(r.current_p50, 4),
+                  "-" if r.change_pct is None else f"{r.change_pct:+.1f}%", ci, f"{r.budget:g}%", style[r.status])
+    c.print(t)
+    for r in lat.rows:
         if r.reason and r.status != "pass":
             c.print(f"[{'red' if r.status == 'fail' else 'yellow'}]{r.name}[/]: {r.reason}", soft_wrap=True)

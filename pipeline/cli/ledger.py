@@ -15,11 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 import edgepipe.pipeline.ledger as ledger
+from edgepipe.pipeline import api
 from edgepipe.pipeline.base.errors import UserError
-from edgepipe.pipeline.base.util import write_json_atomic, write_text_atomic
-
-LEDGER_HELP = ("The ledger: a SQLite file or a postgresql://USER@HOST/DB URL (default: $EDGEPIPE_LEDGER, else "
-               "$XDG_DATA_HOME/edgepipe/ledger.sqlite).")
+from edgepipe.pipeline.base.util import write_text_atomic
+from edgepipe.pipeline.cli.common import LEDGER_HELP
 ledger_app = typer.Typer(name="ledger", help="The results ledger: where it is, its runs, importing reports.",
                          no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
@@ -48,15 +47,9 @@ def _emit(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _open(spec: Optional[str], must_exist: bool = True):
+def _open(spec: Optional[str]):
     """Open the ledger for reading; a default file that does not exist yet is an error, not a new file."""
-    loc = ledger.resolve(spec)
-    if loc is None:
-        raise UserError("the ledger is turned off ($EDGEPIPE_LEDGER=off)", "Pass --ledger PATH or URL")
-    if must_exist and loc.kind == "sqlite" and not loc.path.exists():
-        raise UserError(f"there is no ledger at {loc.shown} yet",
-                        "Record runs first (`edgepipe ledger record OUT/<model>`), or pass --ledger PATH|URL")
-    return ledger.Ledger.open(loc)
+    return ledger.open_for_reading(spec)
 
 
 # --------------------------------------------------------------------------------------------- history
@@ -70,9 +63,8 @@ def history(
     json_: bool = typer.Option(False, "--json", help="Print the series as JSON."),
     ledger_spec: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
 ) -> None:
-    with _open(ledger_spec) as led:
-        series = ledger.history(led, model=model, artifact=artifact, target=target, device=device, last=last)
-        where = led.location.shown
+    series = api.history(model, artifact=artifact, target=target, device=device, last=last, ledger=ledger_spec)
+    where = ledger.resolve(ledger_spec).shown
     if html:
         filters = {"model": model, "artifact": artifact, "target": target, "device": device, "last": last}
         write_text_atomic(html, ledger.render_history_html(series, where, filters))
@@ -112,16 +104,13 @@ def compare(
     b: str = typer.Argument("latest", help="Current: a ledger run id, 'latest' (default), or a bench.json path."),
     force: bool = typer.Option(False, "--force", help="Compare even when the runs' conditions differ."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="With 'latest': the newest run of this model."),
+    min_change: float = typer.Option(5.0, "--min-change", help="Call a row slower/faster only when its change is "
+                                                               "significant AND at least this many percent "
+                                                               "(0: any significant change)."),
     json_: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
     ledger_spec: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
 ) -> None:
-    from_ledger = any(ledger.is_ledger_ref(x) for x in (a, b))
-    led = _open(ledger_spec) if from_ledger else None
-    try:
-        cmp = ledger.compare_runs(ledger.resolve_run(a, led, model), ledger.resolve_run(b, led, model), force)
-    finally:
-        if led is not None:
-            led.close()
+    cmp = api.compare_runs(a, b, force=force, model=model, min_change=min_change, ledger=ledger_spec)
     if json_:
         _emit(cmp.to_dict())
         return
@@ -139,7 +128,7 @@ def _print_compare(cmp) -> None:
         ci = r.ci
         ratio = f"{ci.ratio:.3f}" if ci and ci.ratio else "-"
         band = f"{ci.low:.3f}–{ci.high:.3f}" if ci and ci.low is not None else (r.note or "-")
-        verdict = r.verdict
+        verdict = f"within ±{cmp.min_change:g}%" if r.verdict == "within threshold" else r.verdict
         t.add_row(e.artifact, e.target, e.device, f"{r.a.p50:.4g}" if r.a and r.a.p50 else "-",
                   f"{r.b.p50:.4g}" if r.b and r.b.p50 else "-", ratio, band,
                   f"[{color[verdict]}]{verdict}[/]" if verdict in color else verdict)
@@ -149,9 +138,12 @@ def _print_compare(cmp) -> None:
             con.print(f"  {r.name}: {r.note}", soft_wrap=True)
     for n in cmp.notes:
         con.print(f"[yellow]note:[/] {n}", soft_wrap=True)
-    con.print(f"{sum(r.verdict == 'slower' for r in cmp.rows)} slower, {sum(r.verdict == 'faster' for r in cmp.rows)} "
-              f"faster, {sum(r.verdict == 'no significant change' for r in cmp.rows)} without a significant change "
-              f"(significant: the 95% bootstrap CI of the ratio of medians excludes 1)")
+    n = {v: sum(r.verdict == v for r in cmp.rows) for v in ("slower", "faster", "within threshold",
+                                                             "no significant change")}
+    con.print(f"{n['slower']} slower, {n['faster']} faster, {n['within threshold']} changed by less than "
+              f"{cmp.min_change:g}%, {n['no significant change']} without a significant change (slower/faster: the 95% "
+              f"bootstrap CI of the ratio of medians excludes 1 and the median moved by at least {cmp.min_change:g}%)",
+              soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------- select
@@ -165,17 +157,16 @@ def select(
     json_: bool = typer.Option(False, "--json", help="Print the selection as JSON."),
     ledger_spec: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
 ) -> None:
-    with _open(ledger_spec) as led:
-        sel = ledger.select_artifact(led, device, max_drop, metric, model, target)
+    sel = api.select_artifact(device, max_drop, metric=metric, model=model, target=target, out=out,
+                              ledger=ledger_spec)
     d = sel.to_dict()
     if sel.choice is not None:
-        write_json_atomic(out, d)
         d["written"] = str(out)
     if json_:
         _emit(d)
     else:
         _print_select(sel, out)
-    ledger.enforce_selection(sel)
+    api.enforce_selection(sel)
 
 
 def _print_select(sel, out: Path) -> None:

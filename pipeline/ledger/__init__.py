@@ -24,7 +24,7 @@ from typing import Any
 _NAMES: dict[str, str | tuple[str, str]] = {  # public name -> module (or (module, attribute))
     "record_bench": "record", "record_eval": "record", "record_check": "record", "record_sweep": "record",
     "Recorded": "record",
-    "Ledger": "store", "LedgerError": "store",
+    "Ledger": "store", "LedgerError": "store", "open_for_reading": "store",
     "Location": "location", "resolve": "location", "default_path": "location",
     "capture": "conditions",
     "history": "trends", "runs": "trends", "info": "trends", "Series": "trends",
@@ -35,6 +35,7 @@ _NAMES: dict[str, str | tuple[str, str]] = {  # public name -> module (or (modul
     "resolve_run": "query", "is_ledger_ref": "query", "BenchEntry": "query", "RunData": "query",
     "compare_runs": "compare", "Comparison": "compare",
     "latency_gate": "latency", "gate_runs": "latency", "LatencyGateResult": "latency",
+    "check_max_slowdown": "latency", "merge_junit": "latency",
     "write_latency_reports": ("latency", "write_reports"), "enforce_latency": ("latency", "enforce"),
     "render_latency_markdown": ("latency", "render_markdown"), "render_latency_junit": ("latency", "render_junit"),
     "select_artifact": "deploy", "Selection": "deploy", "enforce_selection": ("deploy", "enforce"),

@@ -128,9 +128,26 @@ def _row(rc: RowComparison, budget: float) -> LatencyRow:
     return r
 
 
-def gate_runs(baseline: RunData, current: RunData, max_slowdown: float, force: bool = False) -> LatencyGateResult:
-    if not isinstance(max_slowdown, (int, float)) or math.isnan(max_slowdown) or max_slowdown < 0:
+def check_max_slowdown(max_slowdown: float) -> float:
+    if isinstance(max_slowdown, bool) or not isinstance(max_slowdown, (int, float)) or math.isnan(max_slowdown) \
+            or max_slowdown < 0:
         raise UserError(f"bad --max-slowdown {max_slowdown!r}", "Give a non-negative percentage, e.g. 5")
+    return float(max_slowdown)
+
+
+def _same_measurement(a: RunData, b: RunData) -> bool:
+    """The baseline is the very run being gated (e.g. 'latest' right after the bench that recorded it)."""
+    if not a.created or a.created != b.created:
+        return False
+    ka = {e.key: e.samples for e in a.entries}
+    return bool(b.entries) and all(ka.get(e.key) == e.samples for e in b.entries)
+
+
+def gate_runs(baseline: RunData, current: RunData, max_slowdown: float, force: bool = False) -> LatencyGateResult:
+    check_max_slowdown(max_slowdown)
+    if _same_measurement(baseline, current):
+        raise UserError(f"the baseline {baseline.label} is the measurement being gated ({current.label})",
+                        "Give an earlier run: 'latest~1' is the bench run before the newest one")
     cmp = compare_runs(baseline, current, force)
     rows = [_row(rc, float(max_slowdown)) for rc in cmp.rows]
     model = current.model or baseline.model
@@ -190,12 +207,28 @@ def render_junit(res: LatencyGateResult) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
+def merge_junit(*documents: str) -> str:
+    """JUnit XML documents -> one ``<testsuites>`` holding every ``<testsuite>`` of each, with summed counts
+    (what `edgepipe check` writes when both the accuracy and the latency gate ran)."""
+    suites = [s for doc in documents for s in ET.fromstring(doc).iter("testsuite")]
+    counts = {k: str(sum(int(s.get(k) or 0) for s in suites)) for k in ("tests", "failures", "errors", "skipped")}
+    root = ET.Element("testsuites", name="edgepipe check", **counts)
+    root.extend(suites)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
 def write_reports(res: LatencyGateResult, junit: Optional[str | os.PathLike] = None,
-                  markdown: Optional[str | os.PathLike] = None, step_summary: bool = True) -> list[str]:
-    """JUnit / Markdown files (and $GITHUB_STEP_SUMMARY), like the accuracy gate's write_reports."""
-    written, md = [], render_markdown(res)
+                  markdown: Optional[str | os.PathLike] = None, step_summary: bool = True,
+                  accuracy: Optional[tuple[str, str]] = None) -> list[str]:
+    """JUnit / Markdown files (and $GITHUB_STEP_SUMMARY), like the accuracy gate's write_reports.
+    ``accuracy``: the accuracy gate's (JUnit XML, Markdown) of the same check: the JUnit file then holds
+    both test suites and the Markdown both tables (accuracy first)."""
+    written, md, xml = [], render_markdown(res), render_junit(res)
+    if accuracy is not None:
+        xml, md = merge_junit(accuracy[0], xml), f"{accuracy[1]}\n{md}"
     if junit:
-        write_text_atomic(junit, render_junit(res))
+        write_text_atomic(junit, xml)
         written.append(str(junit))
     if markdown:
         write_text_atomic(markdown, md)

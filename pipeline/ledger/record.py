@@ -18,11 +18,11 @@ import dataclasses
 import json
 import os
 import platform
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.recorded import Recorded
 from edgepipe.pipeline.base.util import sha256_file
 from edgepipe.pipeline.ledger import conditions, schema
 from edgepipe.pipeline.ledger.location import Location
@@ -36,27 +36,6 @@ _EVAL_PROMOTED = {"artifact", "format", "precision", "target", "runtime", "devic
                   "top1", "top5", "agreement", "drop", "samples"}
 _CHECK_PROMOTED = {"artifact", "format", "precision", "target", "runtime", "status", "reason", "check",
                    "source_value", "artifact_value", "drop", "budget"}
-
-
-@dataclass
-class Recorded:
-    """What one record_* call wrote."""
-
-    location: str
-    kind: str
-    run_id: int
-    rows: dict = field(default_factory=dict)  # table -> [row ids]
-    children: list = field(default_factory=list)  # a sweep's child runs (Recorded)
-
-    def summary(self) -> str:
-        n = sum(len(v) for v in self.rows.values()) + sum(sum(len(v) for v in c.rows.values())
-                                                          for c in self.children)
-        kids = f", {len(self.children)} child runs" if self.children else ""
-        return f"recorded {self.kind} run {self.run_id} ({n} rows{kids}) in the ledger {self.location}"
-
-    def to_dict(self) -> dict:
-        return {"location": self.location, "kind": self.kind, "run_id": self.run_id, "rows": self.rows,
-                "children": [c.to_dict() for c in self.children]}
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -217,8 +196,13 @@ def _check_rows(res: dict, shas: dict) -> list[dict]:
 
 def check_run(result: Any, latency: Any = None, source=None, before: Optional[dict] = None,
               parent_id: Optional[int] = None, after: Optional[dict] = None) -> tuple[dict, list[dict]]:
-    """The accuracy gate's result and/or the latency gate's, as one check run."""
-    parts = [as_dict(x, "a check result") for x in (result, latency) if x is not None]
+    """The accuracy gate's result and/or the latency gate's, as one check run. A check result that carries
+    its latency gate (``CheckResult.latency``, or the "latency" key of ``check --json``) records both."""
+    acc = as_dict(result, "a check result") if result is not None else None
+    if acc is not None and ("latency" in acc or "ledger" in acc):
+        latency = latency if latency is not None else acc.get("latency")
+        acc = {k: v for k, v in acc.items() if k not in ("latency", "ledger")} | {"passed": not acc.get("failed")}
+    parts = [x for x in (acc, as_dict(latency, "a latency gate result") if latency is not None else None) if x]
     if not parts:
         raise UserError("nothing to record: no check result given", "Pass the CheckResult")
     shas, versions, _ = manifest_facts(parts[0].get("folder"))

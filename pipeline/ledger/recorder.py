@@ -32,6 +32,8 @@ class Recorder:
         self._ledger = None
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._closed = False
         if self.location is not None:
             self._thread = threading.Thread(target=self._prepare, name="edgepipe-ledger", daemon=True)
             self._thread.start()
@@ -40,7 +42,12 @@ class Recorder:
         t0 = time.perf_counter()
         try:
             self.before = conditions.capture()
-            self._ledger = ledger.Ledger.open(self.location)
+            opened = ledger.Ledger.open(self.location)
+            with self._lock:
+                if self._closed:  # the run ended (failed) while this thread was opening the ledger
+                    opened.close()
+                else:
+                    self._ledger = opened
         except BaseException as e:  # noqa: BLE001 - raised by record_*, after the report is written
             self._error = e
         self.prepare_s = time.perf_counter() - t0
@@ -61,6 +68,11 @@ class Recorder:
         if self._error is not None:
             raise self._error
         return self._ledger
+
+    def ledger(self) -> Optional["ledger.Ledger"]:
+        """The open ledger, for reading (e.g. the latency gate's baseline); None when recording is off.
+        Raises the ledger's error (LedgerError, exit 2) if it could not be opened."""
+        return self._ready() if self.enabled else None
 
     def _after(self) -> dict:
         after = conditions.capture(git=False)
@@ -93,7 +105,13 @@ class Recorder:
         run, rows = ledger.check_run(result, latency, source, self.before, after=self._after())
         return self._write(run, "check_rows", rows, source)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close the ledger. ``wait=False`` (the run failed before recording): do not wait for the thread
+        still opening it (a locked ledger can take $EDGEPIPE_LEDGER_TIMEOUT); it closes what it opens."""
+        with self._lock:
+            self._closed = True
+            if not wait and self._thread is not None and self._thread.is_alive():
+                return
         if self._thread is not None:
             self._thread.join()
         if self._ledger is not None:
@@ -103,5 +121,5 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(wait=exc_type is None)

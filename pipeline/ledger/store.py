@@ -222,6 +222,19 @@ class Ledger:
         return [int(r[0]) for r in res]
 
 
+def open_for_reading(spec: Union[str, os.PathLike, Location, None] = None) -> Ledger:
+    """Open an existing ledger to read it: a default (or named) SQLite file that does not exist yet is an
+    error naming how to fill it, not a new empty ledger; so is a ledger turned off with $EDGEPIPE_LEDGER=off."""
+    loc = spec if isinstance(spec, Location) else resolve(spec)
+    if loc is None:
+        raise UserError("the ledger is turned off ($EDGEPIPE_LEDGER=off)", "Pass --ledger PATH or URL")
+    if loc.kind == "sqlite" and loc.path is not None and not loc.path.exists():
+        raise UserError(f"there is no ledger at {loc.shown} yet",
+                        "Record runs first (`edgepipe bench`, or `edgepipe ledger record OUT/<model>`), "
+                        "or pass --ledger PATH|URL")
+    return Ledger.open(loc)
+
+
 def _version(conn: Connection) -> Optional[int]:
     if not inspect(conn).has_table("ledger_schema"):
         return None
