@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from edgepipe.pipeline.base import lazy
+
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
 
 
@@ -142,8 +144,7 @@ def _foldable(g: Graph, bn: Node) -> Optional[Node]:
 
 def fold_batchnorm(model) -> tuple[Any, dict]:
     """A new model with BatchNormalization folded into the layer before it (see module docstring)."""
-    import keras
-
+    keras = lazy.keras()
     g = Graph(model)
     folds = {bn.name: p.name for bn in g.nodes.values() if (p := _foldable(g, bn)) is not None}
     if not folds:
