@@ -216,5 +216,10 @@ class Format:
         and ``artifact.calibration``), so it can be re-quantized the same way. Default: the defaults."""
         return self.Options()
 
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        """The symmetric grid (levels each side of zero) its int8 weights are rounded to, for bias
+        correction; None when it has no int8 weights."""
+        return None
+
     def close(self) -> None:
         """Drop per-export state."""

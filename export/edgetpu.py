@@ -122,6 +122,9 @@ class EdgeTPUFormat(Format):
     def float_format(self) -> Format:
         return self.tflite
 
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        return 127
+
     def options_from_record(self, used: Mapping[str, Any], calibration: Optional[Mapping[str, Any]]) -> FormatOptions:
         return self.tflite.options_from_record(used, calibration)
 

@@ -158,6 +158,10 @@ class ONNXFormat(Format):
                 "weight_type": q.QuantType.QUInt8 if mode == "u8u8" else q.QuantType.QInt8,
                 "calibrate_method": method}
 
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        assert isinstance(options, ONNXOptions)
+        return 63 if options.int8 == "u8s8-reduce-range" else 127  # reduce_range: 7-bit weights
+
     def options_from_record(self, used: Mapping[str, Any], calibration: Optional[Mapping[str, Any]]) -> FormatOptions:
         mode, method = used.get("mode"), (calibration or {}).get("method")
         opset = used.get("opset")

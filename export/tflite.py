@@ -148,6 +148,9 @@ class TFLiteFormat(Format):
         io = used.get("io")
         return TFLiteOptions(int8_io=io) if io in INT8_IO else TFLiteOptions()
 
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        return 127  # symmetric per-channel int8
+
     @staticmethod
     def requantizer(traced: Traced, calibration: Calibration, debug_samples: int = REQUANTIZE_SAMPLES) -> Requantize:
         """The traced model calibrated once by TFLite's QuantizationDebugger; ``requantize(denylist,

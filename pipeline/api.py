@@ -108,12 +108,18 @@ def bench_comparison(report: BenchReport, compare_to: Optional[str | os.PathLike
 
 
 def enforce_bench(report: BenchReport, out_dir: str | os.PathLike) -> None:
-    """StageFailure (exit 1) when a row failed; the others were measured and written."""
+    """StageFailure (exit 1) when a row failed or computed wrong outputs; the others were measured and written."""
     failed = [r for r in report.rows if r.status == "failed"]
     if failed:
         raise StageFailure(f"{len(failed)} of {len(report.rows)} rows failed "
                            f"({', '.join(f'{r.artifact} on {r.target}' for r in failed[:3])}); the others were "
                            f"written to {out_dir}", "See the reasons in bench.md")
+    wrong = report.wrong_output_rows()
+    if wrong:
+        raise StageFailure(f"{len(wrong)} of {len(report.rows)} rows computed wrong outputs "
+                           f"({', '.join(f'{r.artifact} on {r.target}' for r in wrong[:3])}): no speed figure for "
+                           f"them; written to {out_dir}", "See the figures at the top of bench.md; `edgepipe eval "
+                           "--targets` on that target shows the accuracy it really has there")
 
 
 # --------------------------------------------------------------------------- eval
@@ -147,16 +153,24 @@ def enforce_eval(result: EvalResult) -> None:
 def check(path: str | os.PathLike, max_drop: float = 1.0, *, metric: str | Sequence[str] = "top1",
           max_drop_for: Optional[Sequence[str] | dict[str, float]] = None, require_verified: bool = False,
           require_full_edgetpu: bool = False, allow_chance_source: bool = False,
-          junit: Optional[str | os.PathLike] = None, markdown: Optional[str | os.PathLike] = None) -> CheckResult:
+          junit: Optional[str | os.PathLike] = None, markdown: Optional[str | os.PathLike] = None,
+          confidence: float = gate.DEFAULT_CONFIDENCE, max_class_drop: Optional[float] = None,
+          allow_inconclusive: bool = False) -> CheckResult:
     """`edgepipe check`: eval.json against the budgets; writes the JUnit/Markdown reports asked for
-    (and appends to $GITHUB_STEP_SUMMARY). ``enforce_check(result)`` raises when a check failed."""
+    (and appends to $GITHUB_STEP_SUMMARY). ``enforce_check(result)`` raises when a check failed.
+
+    Each drop is judged with its ``confidence`` interval from the paired predictions: pass when the
+    interval lies within the budget, fail when the drop is over it, inconclusive (fails unless
+    ``allow_inconclusive``) when the set is too small to show it is under (docs/ci.md).
+    ``max_class_drop``: fail an artifact one of whose classes drops more than this (interval wholly over)."""
     m, _ = load_manifest(path)
     if isinstance(max_drop_for, dict):
         max_drop_for = [f"{k}={v}" for k, v in max_drop_for.items()]
     overrides = gate.parse_overrides(max_drop_for, m)
     metrics = gate.parse_metrics(metric if isinstance(metric, str) else ",".join(metric))
     cfg = GateConfig([Budget(mt, max_drop, dict(overrides)) for mt in metrics], require_verified=require_verified,
-                     require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source)
+                     require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source,
+                     confidence=confidence, max_class_drop=max_class_drop, allow_inconclusive=allow_inconclusive)
     res = gate.run_check(path, cfg)
     res.reports = gate.write_reports(res, junit, markdown)
     return res

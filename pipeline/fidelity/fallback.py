@@ -62,6 +62,7 @@ class Recovery:
     attempts: list[Attempt] = field(default_factory=list)
     chosen: Optional[Attempt] = None
     cost: dict = field(default_factory=dict)  # size/latency of the chosen one against the baseline
+    options: dict = field(default_factory=dict)  # how the candidates were written (the probe's)
 
     @property
     def meets(self) -> bool:
@@ -93,7 +94,7 @@ def float_fallback(probe: LayerProbe, report: LayerReport, measure: Callable[[Pa
     workdir.mkdir(parents=True, exist_ok=True)
     fmt = probe.format
     base = _judge(Attempt("as exported", path=str(probe.artifact)), Path(probe.artifact), fmt, measure, images)
-    rec = Recovery(fmt, budget, (base.drop or {}).get("metric", "top1"), base)
+    rec = Recovery(fmt, budget, (base.drop or {}).get("metric", "top1"), base, options=probe.fallback_options())
     if base.meets:
         return rec
     worst = [r for r in report.worst if r.op != "INPUT"]

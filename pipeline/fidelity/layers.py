@@ -78,6 +78,8 @@ class LayerProbe:
     reference: str = ""
     #: an int8 layer quantizes its input too (TFLite, ONNX); weight-only schemes do not
     inherits_inputs: bool = True
+    #: it can write the artifact with chosen layers kept in float (``fallback``)
+    supports_fallback: bool = False
 
     @classmethod
     def open(cls, artifact: Path, reference: Path, *, traced: Optional[Traced] = None,
@@ -113,6 +115,10 @@ class LayerProbe:
     def fallback(self, tensors: list[str], dest: Path) -> Path:
         """Write the artifact with these tensors kept float (see fallback.py)."""
         raise NotImplementedError(f"no float fallback for {self.format} artifacts")
+
+    def fallback_options(self) -> dict:
+        """What the manifest records of how a fallback artifact was written."""
+        return {}
 
     def close(self) -> None:
         pass

@@ -72,6 +72,7 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 class OnnxProbe(LayerProbe):
     format = "onnx"
+    supports_fallback = True
 
     def __init__(self, artifact: Path, fp32: Path, *, calibration: Optional[Calibration] = None,
                  quant_kwargs: Optional[dict] = None, known_layers: Optional[Iterable[str]] = None,
@@ -251,6 +252,10 @@ class OnnxProbe(LayerProbe):
             keep += self.group(x)
             keep += [n.name for n in self.fmodel.graph.node if x in n.input]
         return list(dict.fromkeys(keep))
+
+    def fallback_options(self) -> dict:
+        return {"quantizer": "onnxruntime.quantization.quantize_static (nodes_to_exclude)", "format": "QDQ",
+                "per_channel": True}
 
     def fallback(self, float_layers: list[str], dest: Path) -> Path:
         """Write the artifact re-quantized with ``float_layers`` (tensor names) kept float."""

@@ -150,6 +150,7 @@ def _facts(g: TFLiteGraph, op, out) -> dict:
 
 class TFLiteProbe(LayerProbe):
     format = "tflite"
+    supports_fallback = True
 
     def __init__(self, artifact: Path, reference: Path | bytes, *, requantize: Optional[Requantize] = None,
                  known_layers: Optional[Iterable[str]] = None, reference_name: str = "a float TFLite conversion"):
@@ -229,6 +230,10 @@ class TFLiteProbe(LayerProbe):
             if any(t is not None and t.name in tensors for t in g.op_inputs(op)):
                 keep += [t.name for t in g.op_outputs(op) if t is not None and t.name not in keep]
         return keep
+
+    def fallback_options(self) -> dict:
+        return {"converter": "tf.lite.experimental.QuantizationDebugger (denylisted_nodes)", "io": self.io_dtype,
+                "per_channel": True}
 
     def fallback(self, float_layers: list[str], dest: Path) -> Path:
         """Write the artifact re-quantized with ``float_layers`` (tensor names) kept float, same I/O."""
