@@ -138,6 +138,7 @@ class CheckResult:
     rows: list[CheckRow]
     warnings: list[str] = field(default_factory=list)
     reports: list[str] = field(default_factory=list)  # report files written (JUnit, Markdown, step summary)
+    notes: list[str] = field(default_factory=list)  # how rows were judged, for the reader (not warnings)
 
     @property
     def failed(self) -> list[CheckRow]:
@@ -158,7 +159,8 @@ class CheckResult:
                 "failed": len(self.failed), "checks": len(self.rows),
                 "skipped": sum(r.status == "skipped" for r in self.rows),
                 "dataset": self.dataset, "config": asdict(self.config),
-                "rows": [asdict(r) | {"name": r.name} for r in self.rows], "warnings": list(self.warnings)}
+                "rows": [asdict(r) | {"name": r.name} for r in self.rows], "warnings": list(self.warnings),
+                "notes": list(self.notes)}
 
     def summary_line(self) -> str:
         n = len([r for r in self.rows if r.status != "skipped"])
@@ -230,15 +232,15 @@ def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
         rows.extend(_edgetpu_rows(m))
     out_rows, out_warnings = _output_rows(m, folder)
     rows.extend(out_rows)
-    res = CheckResult(m.model.name, str(folder), ev.dataset, config, rows,
-                      warnings + out_warnings + _count_warnings(rows))
+    res = CheckResult(m.model.name, str(folder), ev.dataset, config, rows, warnings + out_warnings,
+                      notes=_count_notes(rows))
     if config.allow_inconclusive and res.inconclusive:
         res.warnings.append(f"{len(res.inconclusive)} check(s) inconclusive, passed because of --allow-inconclusive: "
                             "the eval set is too small to show their drops are within the budget")
     return res
 
 
-def _count_warnings(rows: list[CheckRow]) -> list[str]:
+def _count_notes(rows: list[CheckRow]) -> list[str]:
     old = [r for r in rows if r.check in METRICS and r.status != "skipped" and r.drop is not None and r.confidence is None]
     if not old:
         return []
@@ -470,6 +472,7 @@ def render_markdown(res: CheckResult) -> str:
         lines.append("")
         for r in notes:
             lines.append(f"- **{r.name}**: {_md_escape(r.reason)}")
+    lines += ["", *(f"> {_md_escape(n)}" for n in res.notes)] if res.notes else []
     return "\n".join(lines) + "\n"
 
 

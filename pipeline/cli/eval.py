@@ -173,3 +173,5 @@ def _print_check(res: CheckResult, c: Console) -> None:
     for r in res.rows:
         if r.reason and r.status != "pass":
             c.print(f"[{'red' if r.status == 'fail' else 'yellow'}]{r.name}[/]: {r.reason}", soft_wrap=True)
+    for n in res.notes:
+        c.print(f"note: {n}", soft_wrap=True)
