@@ -32,6 +32,9 @@ from edgepipe.pipeline.eval_stage import EvalRequest, validate
 from edgepipe.pipeline.export_stage import export
 from edgepipe.pipeline.eval_stage import evaluate as _evaluate
 from edgepipe.pipeline.gate import Budget, CheckResult, GateConfig
+from edgepipe.pipeline.fidelity.layers import DEFAULT_ISOLATED_CAP, DEFAULT_ISOLATED_IMAGES, DEFAULT_SAMPLES
+from edgepipe.pipeline.inspect_layers import LAYERS_DIR, LayerInspection, export_folder
+from edgepipe.pipeline.inspect_layers import inspect_layers as _inspect_layers
 from edgepipe.pipeline.inspect_stage import inspect_artifact
 from edgepipe.pipeline.logs import native_logs
 from edgepipe.pipeline.options import check_threads
@@ -39,12 +42,26 @@ from edgepipe.pipeline.options import check_threads
 BENCH_FILES = {"json": "bench.json", "md": "bench.md", "html": "bench.html"}
 
 __all__ = ["BENCH_FILES", "bench", "bench_comparison", "check", "enforce_bench", "enforce_check", "enforce_eval",
-           "evaluate", "export", "inspect", "results_dir"]
+           "evaluate", "export", "inspect", "inspect_layers", "results_dir"]
 
 
 def inspect(path: str | os.PathLike) -> dict:
     """`edgepipe inspect`: a .tflite/.onnx file's ops, quantization, I/O (and Edge TPU placement)."""
     return inspect_artifact(path)
+
+
+def inspect_layers(path: str | os.PathLike, *, artifact: Optional[str] = None, samples: int = DEFAULT_SAMPLES,
+                   isolated_cap: int = DEFAULT_ISOLATED_CAP, isolated_images: int = DEFAULT_ISOLATED_IMAGES,
+                   progress: Optional[Callable[[str], None]] = None, log: bool = True) -> list[LayerInspection]:
+    """`edgepipe inspect --layers`: the per-layer error report of each int8 artifact of an export folder (or
+    of the one artifact named), written to ``<folder>/layers/<id>/layers.json`` and ``layers.html``. What
+    TensorFlow and the runtimes print goes to ``<folder>/layers/layers.log`` unless ``log=False``."""
+    logfile = export_folder(path) / LAYERS_DIR / "layers.log" if log else None
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+    with native_logs(logfile):
+        return _inspect_layers(path, artifact=artifact, samples=samples, isolated_cap=isolated_cap,
+                               isolated_images=isolated_images, progress=progress)
 
 
 def results_dir(path: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:

@@ -128,7 +128,7 @@ class ExportRun:
                      reference={"path": REFERENCE_NAME, "samples": self.vset.n, "data": self.vset.source})
         if self.holdout is not None and m.calibration is not None:
             m.calibration["held_out"] = self.holdout.n  # judged the label-free budget, never calibrated on
-        if "inputs" in self.bench_inputs:
+        if "inputs" in self.bench_inputs and m.reference is not None:
             m.reference["inputs"] = int(self.bench_inputs["inputs"].shape[0])
         if self.req.skipped:
             m.extra["skipped"] = self.req.skipped

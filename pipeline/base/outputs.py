@@ -30,7 +30,7 @@ of range 3.3) while the delegate logs "Shape mismatch in GpuModelBuilder::Update
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -86,7 +86,7 @@ class OutputCheck:
         return asdict(self)
 
 
-def _flat(x) -> np.ndarray:
+def _flat(x: Any) -> np.ndarray:
     if isinstance(x, dict):
         x = [x[k] for k in sorted(x)]
     if isinstance(x, (list, tuple)):
@@ -110,7 +110,7 @@ def _centered(a: np.ndarray, r: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else 1.0
 
 
-def check_outputs(reference, outputs, precision: str, against: str = "cpu", *, trained: bool = True,
+def check_outputs(reference: Any, outputs: Any, precision: str, against: str = "cpu", *, trained: bool = True,
                   thresholds: Optional[dict] = None) -> OutputCheck:
     """A target's outputs against the reference run's (dicts by output name, arrays or lists)."""
     r, a = _flat(reference), _flat(outputs)
