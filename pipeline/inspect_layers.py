@@ -57,9 +57,10 @@ class LayerInspection:
     notes: list[str]
 
     def to_dict(self) -> dict:
-        return {"artifact": self.artifact, "written": {"json": str(self.folder / "layers.json"),
-                                                        "html": str(self.folder / "layers.html")},
-                "notes": list(self.notes), **self.report.to_dict()}
+        """layers.json's keys (``artifact`` is the file name), and the artifact ``id``, files written, notes."""
+        return {**self.report.to_dict(), "id": self.artifact,
+                "written": {"json": str(self.folder / "layers.json"), "html": str(self.folder / "layers.html")},
+                "notes": list(self.notes)}
 
 
 def _manifest(path: str | os.PathLike) -> tuple[Manifest, Path, Optional[str]]:

@@ -69,6 +69,7 @@ def fallback_attempts(run: ExportRun, a: Artifact, f: Format, judge: Judge, budg
         run.progress("note", {"message": f"{a.id}: {att.name}: " + (
             "failed" if rec.attempts[-1].drop is None else f"drop {rec.attempts[-1].drop:.2f}")})
     if fb.chosen is None or fb.chosen.path is None:
+        rec.note = fb.note or rec.note
         return None
     rec.cost = fb.cost
     dest = Path(fb.chosen.path)

@@ -60,11 +60,12 @@ def load_source(path: Path, preprocess: str) -> Source:
 
 def export_int8(model_path: Path, preprocess: str, out: Path, formats=("tflite", "onnx"), *,
                 calib_samples: int = CALIB_SAMPLES, calib_method: Optional[str] = None,
-                precisions=("int8",)) -> dict[str, Path]:
-    """Export through the real export stage (no cache); {format: artifact path} of the int8 ones."""
+                precisions=("int8",), equalize: bool = True, bias_correction: bool = False) -> dict[str, Path]:
+    """Export through the real export stage (no cache), with its defaults unless told otherwise;
+    {format: artifact path} of the int8 ones."""
     req = prepare(str(model_path), preprocess=preprocess, formats=list(formats), precisions=list(precisions), out=out,
                   calib="digits", calib_samples=calib_samples, options={"calib_method": calib_method},
-                  cache=False, parallel=False)
+                  cache=False, parallel=False, equalize=equalize, bias_correction=bias_correction)
     m = run(req).manifest  # an artifact that fails verification is still written: it is what we measure
     failed = [f"{a.id}: {a.error}" for a in m.artifacts if not a.path]
     if failed:

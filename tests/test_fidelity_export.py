@@ -126,7 +126,7 @@ def test_inspect_layers_names_the_broken_layer_worst(broken50, tmp_path):
     res = run_cli("inspect", "--layers", str(folder / f"{broken50.stem}_int8.onnx"), "--json", "--isolated-cap", "0")
     assert res.returncode == 0, res.stderr[-3000:]
     d = json.loads(res.stdout)
-    assert d["artifact"] == "onnx-int8" and d["format"] == "onnx" and d["isolated"]["layers"] == 0
+    assert d["id"] == "onnx-int8" and d["format"] == "onnx" and d["isolated"]["layers"] == 0
     assert d["worst"] and d["written"]["html"].endswith("layers.html")
     # without the source model and without an fp32 ONNX artifact there is nothing to compare with
     moved = tmp_path / "moved.keras"
