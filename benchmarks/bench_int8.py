@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         work = Path(a.work) if a.work else Path(td)
         paths = prepare_models(work, names)
         print("| model | format | method | int8 top-1 % | drop (points) [95% CI] | agreement % "
-              "| latency ms (vs default) | KB |")
+              "| latency ms (vs no-cle) | KB |")
         print("|---|---|---|---:|---|---:|---:|---:|")
         rows = []
         for name in names:
