@@ -8,17 +8,25 @@ source model on the same images), with overrides by precision, format or artifac
     GateConfig(budgets=[Budget("top1", 1.0, {"int8": 1.5})], require_verified=True)
 
 Rows
-    * one per (artifact, target, metric) that eval ran: pass when drop <= budget;
+    * one per (artifact, target, metric) that eval ran, judged by the drop's interval from the
+      paired counts eval.json records (pipeline/fidelity/stats.py; ``confidence``, default 0.95):
+      pass when the whole interval is within the budget; fail when the drop is over the budget
+      (or, with ``max_class_drop``, one class's interval lies wholly over that); inconclusive when
+      the drop is within the budget but the interval reaches past it (the set is too small to show
+      it), which fails the gate unless ``allow_inconclusive``. Rows of an eval.json written without
+      counts are judged by their point estimate, as before, with a note;
+    * one per bench row of a bench.json beside eval.json whose outputs were checked: fail for a
+      ``wrong-output`` row (its target computes wrong answers);
     * an artifact whose export failed, or whose evaluation errored: fail;
     * targets eval skipped (runtime unavailable here): listed as skipped, never fail;
     * ``require_verified``: one row per artifact, fail unless verification passed;
     * ``require_full_edgetpu``: one row per artifact carrying ``extra["edgetpu"]``, fail when
       any op would run on the CPU (``edgepipe.devices.edgetpu.require_full_edgetpu``).
-The gate fails (``GateFailure``, exit 1) when any row fails. Before any row, the baseline is
-checked: a source model that does no better than guessing on the eval set (wrong class mapping
+The gate fails (``GateFailure``, exit 1) when any row fails (or is inconclusive, unless allowed).
+Before any row, the baseline is checked: a source model that does no better than guessing on the eval set (wrong class mapping
 or preprocessing, almost always) makes every drop meaningless, so check refuses it (exit 2),
 unless the model is untrained on purpose (a built-in exported with ``--weights none``), where
-it warns instead. numpy-free, TensorFlow-free.
+it warns instead. TensorFlow-free.
 """
 from __future__ import annotations
 

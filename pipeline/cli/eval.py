@@ -166,9 +166,9 @@ def _print_check(res: CheckResult, c: Console) -> None:
     style = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "skipped": "[yellow]skipped[/]",
              "inconclusive": "[yellow]inconclusive[/]" + (" (allowed)" if res.config.allow_inconclusive else "")}
     for r in res.rows:
+        budget = "-" if r.budget is None else points_text(r.budget)
         t.add_row(r.artifact, r.target or "-", METRIC_LABELS.get(r.check, r.check), _f(r.source_value),
-                  _f(r.artifact_value), _f(r.drop), r.interval_text(), "-" if r.budget is None else points_text(r.budget),
-                  style[r.status])
+                  _f(r.artifact_value), _f(r.drop), r.interval_text(), budget, style[r.status])
     c.print(t)
     for r in res.rows:
         if r.reason and r.status != "pass":

@@ -222,5 +222,6 @@ def _ptq_lines(options: dict) -> list[str]:
                      else f"[yellow]cross-layer equalization skipped[/]: {escape(eq.get('skipped', ''))}")
     if bias:
         lines.append(f"bias correction: {len(bias.get('layers', []))} layers (int8 grid of {bias.get('levels')})"
-                     if bias.get("applied") else f"[yellow]bias correction skipped[/]: {escape(bias.get('skipped', ''))}")
+                     if bias.get("applied")
+                     else f"[yellow]bias correction skipped[/]: {escape(bias.get('skipped', ''))}")
     return lines

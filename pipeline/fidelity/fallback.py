@@ -14,9 +14,10 @@ A candidate meets the budget when its verdict is ``pass`` (the interval's upper 
 the budget), or ``inconclusive`` with the point estimate under it (the set is too small to show
 more; the verdict is recorded). The first candidate that meets it, i.e. the one with the fewest
 float layers, is chosen. At most MAX_FLOAT_SHARE of the report's ranked layers are kept in float:
-beyond that the artifact is no longer an int8 model, and the recovery stops and says so. Every attempt records the layers kept in float, the nodes that run in
-float, its size and CPU latency against the original's, its drop with the interval, and why
-those layers were chosen (the report's reasons).
+beyond that the artifact is no longer an int8 model, and the recovery stops and says so. Every
+attempt records the layers kept in float, the nodes that run in float, its size and CPU latency
+against the original's, its drop with the interval, and why those layers were chosen (the
+report's reasons).
 """
 from __future__ import annotations
 
