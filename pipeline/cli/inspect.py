@@ -142,11 +142,10 @@ def register(app: typer.Typer) -> None:
             return
         if not debug_enabled():
             quiet_tensorflow()
-        with terminal() as term:
-            note = console(file=term)
+        with terminal() as term, console(file=term).status("per-layer report") as status:
             found = api.inspect_layers(artifact, artifact=artifact_id, samples=samples, isolated_cap=isolated_cap,
                                        isolated_images=isolated_images, log=not debug_enabled(),
-                                       progress=None if json_out else (lambda m: note.print(f"[dim]{m}[/]")))
+                                       progress=None if json_out else status.update)
         if json_out:
             emit_json([f.to_dict() for f in found] if len(found) > 1 else found[0].to_dict())
         else:
