@@ -143,7 +143,11 @@ def _source(m: Manifest, calibration: Calibration, notes: list[str], progress: P
     if eq or bias.get("applied"):
         lm, _ = strengthen(lm, calibration.data, equalize=bool(eq),
                            bias_levels=bias.get("levels") if bias.get("applied") else None)
-        notes.append("the export's cross-layer equalization applied again to the source model")
+        again = "the export's cross-layer equalization applied again to the source model"
+        if calibration.source == "reference.npz":  # not the images the export equalized on
+            again += (f", on the {calibration.n} images reference.npz keeps (not the export's calibration "
+                      "images): per-layer figures may differ a little from the artifact's own")
+        notes.append(again)
     return trace(lm)
 
 

@@ -303,8 +303,9 @@ def _source_outputs(inputs: Optional[Path]) -> Optional[np.ndarray]:
 def _agreements(report: BenchReport, outs: dict[tuple[str, str], Path], source: Optional[np.ndarray],
                 trained: bool) -> None:
     """Every measured row's outputs against the CPU row of the same artifact (or, with no CPU row, the source
-    model's on the same inputs): the ``agreement`` figures, and the output check that turns a row whose
-    answers are wrong into ``wrong-output`` (no speed figure without correct outputs)."""
+    model's on the same inputs, when the outputs have the source's shape): the ``agreement`` figures, and
+    the output check that turns a row whose answers are wrong into ``wrong-output`` (no speed figure
+    without correct outputs)."""
     for (aid, t), p in outs.items():
         ref, row = outs.get((aid, "cpu")), report.row(aid, t)
         if row is None:
@@ -315,7 +316,9 @@ def _agreements(report: BenchReport, outs: dict[tuple[str, str], Path], source: 
             row.agreement = agreement(cpu, got)
             _judge_outputs(row, cpu, got, "cpu", trained)
         elif ref is None and source is not None and len(got) == 1:
-            _judge_outputs(row, source, next(iter(got.values())), "source model", trained)
+            out = next(iter(got.values()))
+            if np.asarray(out).reshape(len(out), -1).shape == np.asarray(source).reshape(len(source), -1).shape:
+                _judge_outputs(row, source, out, "source model", trained)  # else: outputs it cannot map
 
 
 def _judge_outputs(row: BenchRow, reference, outputs, against: str, trained: bool) -> None:

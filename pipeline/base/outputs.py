@@ -10,7 +10,7 @@ Per precision, what a correct accelerator keeps (the CPU run of the *same artifa
 reference, so the bounds are tighter than export verification's source-vs-artifact ones, except
 for int8, where a GPU delegate legitimately computes in float what the CPU computes in int8).
 Without a CPU row the source model's outputs on the same images are the reference, with the
-export verification's bounds (SOURCE_THRESHOLDS). An untrained model (a built-in exported with
+export verification's bounds, never tighter than the CPU run's (SOURCE_THRESHOLDS). An untrained model (a built-in exported with
 ``--weights none``) is chaotic: its quantized artifacts are held to a structural bound only
 (UNTRAINED_QUANTIZED), as in export verification.
 
@@ -43,10 +43,11 @@ OUTPUT_THRESHOLDS: dict[str, dict[str, float]] = {
     "palettized": {"top1": 0.9, "centered": 0.95},
     "int8": {"top1": 0.9, "centered": 0.9},
 }
-# against the source model instead of the CPU run: export verification's bounds (pipeline/verify.py)
+# against the source model instead of the CPU run: export verification's bounds (pipeline/verify.py),
+# never stricter than the CPU run's (an accelerator may compute fp32 models in fp16)
 SOURCE_THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"top1": 0.99, "centered": 0.9999},
-    "fp16": {"top1": 0.9, "centered": 0.995},
+    "fp32": {"top1": 0.99, "centered": 0.999},
+    "fp16": {"top1": 0.9, "centered": 0.99},
     "dynamic": {"top1": 0.8, "centered": 0.97},
     "int16x8": {"top1": 0.8, "centered": 0.97},
     "palettized": {"top1": 0.7, "centered": 0.93},
