@@ -50,9 +50,9 @@ class EvalContext:
     num_classes: int
     source: Optional[dict] = None
     source_pred: Optional[np.ndarray] = None
-    source_top5: Optional[np.ndarray] = None  # per image: is the label among the source's top 5
     threads: Optional[int] = None
     progress: Progress = field(default=_noop)
+    source_top5: Optional[np.ndarray] = None  # per image: is the label among the source's top 5
 
 
 @dataclass

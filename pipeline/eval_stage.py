@@ -148,7 +148,7 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
                        model_labels=src.labels, limit=req.limit, min_samples=req.min_samples, seed=req.seed)
     source, src_pred, src_top5 = _source(p, ds, req, predictor, progress)
     ctx = EvalContext(ds, ds.data(Preprocessing.from_dict(src.preprocessing)), int(src.num_classes), source,
-                      src_pred, src_top5, req.threads, progress)
+                      src_pred, req.threads, progress, source_top5=src_top5)
     arts = [a for a in p.manifest.artifacts if not req.artifacts or a.id in req.artifacts]
     if p.device is None:
         rows = run_plan(plan(arts, p.folder, p.targets, p.explicit), ctx)

@@ -75,7 +75,8 @@ class LabelledJudge:
             runs_as, rt = verifier(fmt)
         except LookupError as e:
             return {"drop": None, "error": str(e)}, None
-        ctx = EvalContext(self.ds, self.data, self.num_classes, self.source, self.source_pred, self.source_top5)
+        ctx = EvalContext(self.ds, self.data, self.num_classes, self.source, self.source_pred,
+                          source_top5=self.source_top5)
         row = evaluate_file(path, runs_as, rt, EvalRow(artifact=path.name, format=fmt), ctx)
         if row.status != "ok" or row.drop is None:
             return {"drop": None, "error": row.reason, "runtime": rt.name}, None
