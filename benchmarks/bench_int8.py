@@ -16,21 +16,25 @@ Models (trained here on scikit-learn's digits, tests/fidelity_models.py; nothing
 Methods, each one export through the real export stage and judged on the 450-image digits
 test split (never calibrated on) against the float source model:
 
-* ``default``      100 calibration images (the export default), min/max ranges
-* ``cle``          cross-layer equalization on the Keras weights (BatchNormalization folded first)
-* ``bias``         bias correction of the int8 weight-rounding shift (8-bit grid for TFLite,
-                   7-bit for ONNX u8s8-reduce-range)
-* ``cle+bias``     both
-* ``calib500``     500 calibration images
-* ``percentile`` / ``entropy``  onnxruntime's calibration methods (ONNX only; TFLite's
-                   converter offers min/max only)
-* ``fallback``     the default artifact, then the per-layer report's worst layers kept in float
+* ``no-cle``       100 calibration images, min/max ranges, nothing else (the default before
+                   cross-layer equalization became one)
+* ``default``      the export's defaults: ``no-cle`` plus cross-layer equalization on the Keras
+                   weights (BatchNormalization folded first; ``--equalize``, on by default)
+* ``bias``         bias correction of the int8 weight-rounding shift, without equalization
+                   (``--no-equalize --bias-correction``; 8-bit grid for TFLite, 7-bit for ONNX)
+* ``cle+bias``     both (``--bias-correction``)
+* ``calib500``     the defaults with 500 calibration images
+* ``percentile`` / ``entropy``  the defaults with onnxruntime's calibration methods (ONNX only;
+                   TFLite's converter offers min/max only)
+* ``fallback``     the ``no-cle`` artifact, then the per-layer report's worst layers kept in float
                    until the label-free budget holds (agreement with the float model on 200
-                   held-out calibration images, max 1 point disagreement)
+                   held-out calibration images, max 1 point disagreement): what ``export
+                   --max-drop 1 --data DIR`` ends with when nothing else recovers
 
 Columns: int8 top-1 (%), drop in top-1 points with its 95% interval (paired, Tango score),
 top-1 agreement with the float model (%), CPU latency per image (ms, median of 50, batch 1;
-the 2-core build machine is shared, so compare within a run) and its ratio to ``default``,
+the 2-core build machine is shared, so compare within a run) and its ratio to the first method
+(``no-cle``),
 size (KB).
 """
 from __future__ import annotations
@@ -46,7 +50,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 MODELS = ("digits_cnn", "digits_xception", "digits_xception_unbalanced")
-METHODS = ("default", "cle", "bias", "cle+bias", "calib500", "percentile", "entropy", "fallback")
+METHODS = ("no-cle", "default", "bias", "cle+bias", "calib500", "percentile", "entropy", "fallback")
+# method -> export options (the export stage's own PTQ options; calibration settings apart)
+OPTIONS = {"no-cle": {"equalize": False}, "bias": {"equalize": False, "bias_correction": True},
+           "cle+bias": {"bias_correction": True}}
 PREPROCESS = {"digits_cnn": "unit", "digits_xception": "tf", "digits_xception_unbalanced": "tf"}
 FALLBACK_BUDGET = 1.0
 HOLDOUT = 200
@@ -64,25 +71,6 @@ def prepare_models(work: Path, names) -> dict[str, Path]:
         paths["digits_xception_unbalanced"] = work / "models" / "digits_xception_unbalanced.keras"
         m.save(paths["digits_xception_unbalanced"])
     return paths
-
-
-def variant(src, method: str, fmt: str, work: Path) -> Path:
-    """The Keras model file the method exports (the source itself, or a rewritten copy)."""
-    import keras
-
-    from edgepipe.pipeline.fidelity.equalize import correct_bias, equalize
-
-    if method not in ("cle", "bias", "cle+bias"):
-        return src.path
-    model = src.lm.model
-    data = src.calibration().data
-    if "cle" in method:
-        model, _ = equalize(model, data)
-    if "bias" in method:
-        model, _ = correct_bias(model, data, levels=127 if fmt == "tflite" else 63)
-    dest = work / f"{src.path.stem}.{method.replace('+', '_')}.{fmt}.keras"
-    keras.Model.save(model, dest)
-    return dest
 
 
 def run_fallback(src, path: Path, fmt: str, work: Path) -> tuple[Path, dict]:
@@ -107,7 +95,7 @@ def bench_model(name: str, path: Path, formats, methods, work: Path) -> list[dic
     from fidelity_harness import export_int8, judge, load_source
 
     src = load_source(path, PREPROCESS[name])
-    rows, default = [], {}
+    rows, default, plain = [], {}, {}
     for method in methods:
         for fmt in formats:
             if method in ("percentile", "entropy") and fmt != "onnx":
@@ -117,17 +105,19 @@ def bench_model(name: str, path: Path, formats, methods, work: Path) -> list[dic
             extra: dict = {}
             try:
                 if method == "fallback":
-                    art = default.get(fmt, {}).get("path") or export_int8(path, src.preprocess, out, (fmt,))[fmt]
+                    art = plain.get(fmt) or export_int8(path, src.preprocess, out, (fmt,), equalize=False)[fmt]
                     art, extra = run_fallback(src, Path(art), fmt, work / "fb" / f"{name}-{fmt}")
                 else:
-                    art = export_int8(variant(src, method, fmt, work), src.preprocess, out, (fmt,),
+                    art = export_int8(path, src.preprocess, out, (fmt,), **OPTIONS.get(method, {}),
                                       calib_samples=500 if method == "calib500" else 100,
                                       calib_method=method if method in ("percentile", "entropy") else None)[fmt]
+                    if method == "no-cle":
+                        plain[fmt] = art
                 row = {"model": name, "format": fmt, "method": method, **judge(art, fmt, src), **extra}
             except Exception as e:  # one failing method never stops the others
                 row = {"model": name, "format": fmt, "method": method, "error": f"{type(e).__name__}: {e}"[:300]}
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            if method == "default" and "error" not in row:
+            if fmt not in default and "error" not in row:  # the first method run is the latency baseline
                 default[fmt] = {"path": art, "latency_ms": row["latency_ms"]}
             if "latency_ms" in row and fmt in default:
                 row["latency_ratio"] = row["latency_ms"] / default[fmt]["latency_ms"]
@@ -160,7 +150,7 @@ def main(argv=None) -> int:
         work = Path(a.work) if a.work else Path(td)
         paths = prepare_models(work, names)
         print("| model | format | method | int8 top-1 % | drop (points) [95% CI] | agreement % "
-              "| latency ms (vs default) | KB |")
+              "| latency ms (vs no-cle) | KB |")
         print("|---|---|---|---:|---|---:|---:|---:|")
         rows = []
         for name in names:

@@ -21,7 +21,8 @@ def formats() -> dict[str, type[Format]]:
     """Every registered format, in FORMAT_MODULES order (then any registered elsewhere)."""
     for m in FORMAT_MODULES:
         importlib.import_module(m)
-    return dict(Format.registry)
+    order = {m: i for i, m in enumerate(FORMAT_MODULES)}  # not the order some caller happened to import them in
+    return dict(sorted(Format.registry.items(), key=lambda kv: order.get(kv[1].__module__, len(order))))
 
 
 def get_format(name: str) -> Format:

@@ -205,5 +205,21 @@ class Format:
         a group runs; the next group is tried only when none so far met the budget."""
         return iter(())
 
+    # -- for the fidelity tools (per-layer report, float fallback) -------------------------------
+    def float_format(self) -> "Format":
+        """The format whose fp32 conversion is this one's float reference and whose re-quantization
+        serves the per-layer report and the float fallback (default: itself)."""
+        return self
+
+    def options_from_record(self, used: Mapping[str, Any], calibration: Optional[Mapping[str, Any]]) -> FormatOptions:
+        """The options an artifact was exported with, rebuilt from its manifest entry (``artifact.options``
+        and ``artifact.calibration``), so it can be re-quantized the same way. Default: the defaults."""
+        return self.Options()
+
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        """The symmetric grid (levels each side of zero) its int8 weights are rounded to, for bias
+        correction; None when it has no int8 weights."""
+        return None
+
     def close(self) -> None:
         """Drop per-export state."""

@@ -96,6 +96,9 @@ class CoreMLFormat(Format):
             self._programs[precision] = (mlmodel, kind)
         return self._programs[precision]
 
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        return 127  # int8 linear symmetric per-channel weights
+
     def _optimize(self, mlmodel: Any, precision: str, options: CoreMLOptions, used: dict) -> Any:
         cto = lazy.coreml_optimize()
         if precision == "int8":

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from edgepipe.export import edgetpu_compiler as et
 from edgepipe.export.base import ExportFailed, ExportResult, Format, FormatOptions, WorkerJob, option
@@ -118,6 +118,15 @@ class EdgeTPUFormat(Format):
         # a compiled model needs the Edge TPU delegate to open: I/O and placement come from the int8 model
         return ExportResult(dest, options=used, calibration=base.calibration, files=files, described_by=int8_path,
                             seconds=seconds, extra={"edgetpu": {"compile": compiled}})
+
+    def float_format(self) -> Format:
+        return self.tflite
+
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        return 127
+
+    def options_from_record(self, used: Mapping[str, Any], calibration: Optional[Mapping[str, Any]]) -> FormatOptions:
+        return self.tflite.options_from_record(used, calibration)
 
     def placement_report(self, prediction: dict, result: ExportResult) -> dict:
         got = result.extra.get("edgetpu") or {}

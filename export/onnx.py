@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from edgepipe.export.base import ExportResult, Format, FormatOptions, Recovery, option
 from edgepipe.pipeline.base import lazy
@@ -137,19 +137,37 @@ class ONNXFormat(Format):
     def _int8(self, traced: Traced, calibration: Calibration, dest: Path, options: ONNXOptions) -> dict:
         q = lazy.ort_quantization()
         mode = options.int8
-        act = q.QuantType.QInt8 if mode == "s8s8" else q.QuantType.QUInt8
-        wt = q.QuantType.QUInt8 if mode == "u8u8" else q.QuantType.QInt8
-        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-                  "percentile": q.CalibrationMethod.Percentile}[options.calib_method or "minmax"]
         tmp = dest.with_name(dest.stem + ".q.onnx")
         q.quantize_static(str(self._fp32_path(traced, options.opset)), str(tmp),
-                          _Reader(traced.source.input_name, calibration),
-                          quant_format=q.QuantFormat.QDQ, per_channel=True, reduce_range=(mode == "u8s8-reduce-range"),
-                          activation_type=act, weight_type=wt, calibrate_method=method)
+                          _Reader(traced.source.input_name, calibration), **self.quantize_kwargs(options))
         _save(lazy.onnx().load(str(tmp)), dest, traced)
         tmp.unlink()
         return {"quantizer": "onnxruntime.quantization.quantize_static", "format": "QDQ", "mode": mode,
                 "per_channel": True, "reduce_range": mode == "u8s8-reduce-range"}
+
+    @staticmethod
+    def quantize_kwargs(options: FormatOptions) -> dict:
+        """onnxruntime ``quantize_static`` arguments for an int8 QDQ model with these options."""
+        assert isinstance(options, ONNXOptions)
+        q = lazy.ort_quantization()
+        mode = options.int8
+        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                  "percentile": q.CalibrationMethod.Percentile}[options.calib_method or "minmax"]
+        return {"quant_format": q.QuantFormat.QDQ, "per_channel": True, "reduce_range": mode == "u8s8-reduce-range",
+                "activation_type": q.QuantType.QInt8 if mode == "s8s8" else q.QuantType.QUInt8,
+                "weight_type": q.QuantType.QUInt8 if mode == "u8u8" else q.QuantType.QInt8,
+                "calibrate_method": method}
+
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        assert isinstance(options, ONNXOptions)
+        return 63 if options.int8 == "u8s8-reduce-range" else 127  # reduce_range: 7-bit weights
+
+    def options_from_record(self, used: Mapping[str, Any], calibration: Optional[Mapping[str, Any]]) -> FormatOptions:
+        mode, method = used.get("mode"), (calibration or {}).get("method")
+        opset = used.get("opset")
+        return ONNXOptions(int8=mode if mode in ONNX_INT8_MODES else ONNXOptions().int8,
+                           calib_method=method if method in CALIB_METHODS else None,
+                           opset=opset if isinstance(opset, int) and opset in OPSETS else ONNXOptions().opset)
 
     def recoveries(self, traced: Traced, calibration: Calibration,
                    options: FormatOptions) -> Iterator[list[Recovery]]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from edgepipe.export.base import ExportResult, Format, FormatOptions, Recovery, WorkerJob, option
 from edgepipe.pipeline.base import lazy
@@ -23,6 +23,9 @@ from edgepipe.pipeline.base.records import Calibration, Traced
 INT8_IO = ("int8", "uint8", "float32")
 DENYLIST_STEPS = (1, 2, 4, 8)
 DEBUG_SAMPLES = 32
+REQUANTIZE_SAMPLES = 8  # the debugger's own pass; re-quantizing reuses the converter's calibration
+#: ``requantize(denylisted tensor names, fully_quantize) -> .tflite bytes``
+Requantize = Callable[[list, bool], bytes]
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,27 @@ class TFLiteFormat(Format):
             yield [Recovery(f"{k} sensitive layer(s) in float", "int8", "int8_mixed", partial(_write_mixed, model=model),
                             info={"float_nodes": nodes}, convert_s=secs)]
 
+    def options_from_record(self, used: Mapping[str, Any], calibration: Optional[Mapping[str, Any]]) -> FormatOptions:
+        io = used.get("io")
+        return TFLiteOptions(int8_io=io) if io in INT8_IO else TFLiteOptions()
+
+    def int8_weight_levels(self, options: FormatOptions) -> Optional[int]:
+        return 127  # symmetric per-channel int8
+
+    @staticmethod
+    def requantizer(traced: Traced, calibration: Calibration, debug_samples: int = REQUANTIZE_SAMPLES) -> Requantize:
+        """The traced model calibrated once by TFLite's QuantizationDebugger; ``requantize(denylist,
+        fully_quantize)`` re-quantizes it with the denylisted tensors' ops kept in float (milliseconds)."""
+        dbg = _debugger(traced, calibration, debug_samples)
+        tf = lazy.tensorflow()
+
+        def requantize(denylist: list, fully_quantize: bool) -> bytes:
+            dbg.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(denylist),
+                                                                        fully_quantize=bool(fully_quantize))
+            return bytes(dbg.get_nondebug_quantized_model())
+
+        return requantize
+
     def close(self) -> None:
         self._converted.clear()
 
@@ -167,17 +191,23 @@ def _layer_scores(dbg: Any) -> dict[str, float]:
     return scores
 
 
+def _debugger(traced: Traced, calibration: Calibration, debug_samples: int) -> Any:
+    """TFLite's QuantizationDebugger over the traced model, calibrated on ``calibration``."""
+    tf = lazy.tensorflow()
+    conv, _ = converter(traced)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = _representative(_batches(calibration))
+    debug = list(calibration.batches(limit=debug_samples))
+    return tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=_representative(debug))
+
+
 def _denylisted_models(traced: Traced, calibration: Calibration,
                        steps: tuple[int, ...]) -> Iterator[tuple[int, list[dict], bytes, float]]:
     """Yield (k, denylisted tensor names, model bytes, seconds): the k layers with the largest
     RMSE/scale kept in float. The debugger runs once, on the first step's demand."""
     tf = lazy.tensorflow()
     t0 = time.perf_counter()
-    conv, _ = converter(traced)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = _representative(_batches(calibration))
-    debug = list(calibration.batches(limit=DEBUG_SAMPLES))
-    dbg = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=_representative(debug))
+    dbg = _debugger(traced, calibration, DEBUG_SAMPLES)
     dbg.run()
     scores = _layer_scores(dbg)
     ranked = sorted(scores, key=lambda n: scores[n], reverse=True)

@@ -19,6 +19,7 @@ _EXPORTS = {
     "evaluate": "edgepipe.pipeline.api",
     "check": "edgepipe.pipeline.api",
     "inspect": "edgepipe.pipeline.api",
+    "inspect_layers": "edgepipe.pipeline.api",
     "enforce_bench": "edgepipe.pipeline.api",
     "enforce_eval": "edgepipe.pipeline.api",
     "enforce_check": "edgepipe.pipeline.api",

@@ -45,6 +45,9 @@ from edgepipe.pipeline.eval_stage import EvalRequest, validate
 from edgepipe.pipeline.export_stage import export
 from edgepipe.pipeline.eval_stage import evaluate as _evaluate
 from edgepipe.pipeline.gate import Budget, CheckResult, GateConfig
+from edgepipe.pipeline.fidelity.layers import DEFAULT_ISOLATED_CAP, DEFAULT_ISOLATED_IMAGES, DEFAULT_SAMPLES
+from edgepipe.pipeline.inspect_layers import LAYERS_DIR, LayerInspection, export_folder
+from edgepipe.pipeline.inspect_layers import inspect_layers as _inspect_layers
 from edgepipe.pipeline.inspect_stage import inspect_artifact
 from edgepipe.pipeline.logs import native_logs
 from edgepipe.pipeline.options import check_threads
@@ -62,12 +65,26 @@ LedgerSpec = Union[str, os.PathLike, None]
 
 __all__ = ["BENCH_FILES", "LedgerSpec", "bench", "bench_comparison", "check", "compare_runs", "enforce_bench",
            "enforce_check", "enforce_eval", "enforce_latency", "enforce_selection", "evaluate", "export", "history",
-           "inspect", "latency_gate", "results_dir", "select_artifact"]
+           "inspect", "inspect_layers", "latency_gate", "results_dir", "select_artifact"]
 
 
 def inspect(path: str | os.PathLike) -> dict:
     """`edgepipe inspect`: a .tflite/.onnx file's ops, quantization, I/O (and Edge TPU placement)."""
     return inspect_artifact(path)
+
+
+def inspect_layers(path: str | os.PathLike, *, artifact: Optional[str] = None, samples: int = DEFAULT_SAMPLES,
+                   isolated_cap: int = DEFAULT_ISOLATED_CAP, isolated_images: int = DEFAULT_ISOLATED_IMAGES,
+                   progress: Optional[Callable[[str], None]] = None, log: bool = True) -> list[LayerInspection]:
+    """`edgepipe inspect --layers`: the per-layer error report of each int8 artifact of an export folder (or
+    of the one artifact named), written to ``<folder>/layers/<id>/layers.json`` and ``layers.html``. What
+    TensorFlow and the runtimes print goes to ``<folder>/layers/layers.log`` unless ``log=False``."""
+    logfile = export_folder(path) / LAYERS_DIR / "layers.log" if log else None
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+    with native_logs(logfile):
+        return _inspect_layers(path, artifact=artifact, samples=samples, isolated_cap=isolated_cap,
+                               isolated_images=isolated_images, progress=progress)
 
 
 def results_dir(path: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
@@ -161,12 +178,18 @@ def bench_comparison(report: BenchReport, compare_to: Optional[str | os.PathLike
 
 
 def enforce_bench(report: BenchReport, out_dir: str | os.PathLike) -> None:
-    """StageFailure (exit 1) when a row failed; the others were measured and written."""
+    """StageFailure (exit 1) when a row failed or computed wrong outputs; the others were measured and written."""
     failed = [r for r in report.rows if r.status == "failed"]
     if failed:
         raise StageFailure(f"{len(failed)} of {len(report.rows)} rows failed "
                            f"({', '.join(f'{r.artifact} on {r.target}' for r in failed[:3])}); the others were "
                            f"written to {out_dir}", "See the reasons in bench.md")
+    wrong = report.wrong_output_rows()
+    if wrong:
+        raise StageFailure(f"{len(wrong)} of {len(report.rows)} rows computed wrong outputs "
+                           f"({', '.join(f'{r.artifact} on {r.target}' for r in wrong[:3])}): no speed figure for "
+                           f"them; written to {out_dir}", "See the figures at the top of bench.md; `edgepipe eval "
+                           "--targets` on that target shows the accuracy it really has there")
 
 
 # --------------------------------------------------------------------------- eval
@@ -206,20 +229,28 @@ def check(path: str | os.PathLike, max_drop: float = 1.0, *, metric: str | Seque
           require_full_edgetpu: bool = False, allow_chance_source: bool = False,
           junit: Optional[str | os.PathLike] = None, markdown: Optional[str | os.PathLike] = None,
           baseline: Optional[str | os.PathLike] = None, max_slowdown: float = 5.0, force: bool = False,
-          ledger: LedgerSpec = None, record: bool = True) -> CheckResult:
+          ledger: LedgerSpec = None, record: bool = True,
+          confidence: float = gate.DEFAULT_CONFIDENCE, max_class_drop: Optional[float] = None,
+          allow_inconclusive: bool = False) -> CheckResult:
     """`edgepipe check`: eval.json against the budgets and, with ``baseline`` (a ledger run id,
     'latest~N', or a bench.json), the latency gate: the bench.json beside the manifest against the
     baseline (``result.latency``; a row fails when it is slower than ``max_slowdown`` percent with 95%
     confidence). Writes the JUnit/Markdown reports asked for (both gates in one file each; also appended
     to $GITHUB_STEP_SUMMARY), records the check in the ledger, and returns it. ``enforce_check(result)``
-    raises when a check of either gate failed."""
+    raises when a check of either gate failed.
+
+    Each drop is judged with its ``confidence`` interval from the paired predictions: pass when the
+    interval lies within the budget, fail when the drop is over it, inconclusive (fails unless
+    ``allow_inconclusive``) when the set is too small to show it is under (docs/ci.md).
+    ``max_class_drop``: fail an artifact one of whose classes drops more than this (interval wholly over)."""
     m, folder = load_manifest(path)
     if isinstance(max_drop_for, dict):
         max_drop_for = [f"{k}={v}" for k, v in max_drop_for.items()]
     overrides = gate.parse_overrides(max_drop_for, m)
     metrics = gate.parse_metrics(metric if isinstance(metric, str) else ",".join(metric))
     cfg = GateConfig([Budget(mt, max_drop, dict(overrides)) for mt in metrics], require_verified=require_verified,
-                     require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source)
+                     require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source,
+                     confidence=confidence, max_class_drop=max_class_drop, allow_inconclusive=allow_inconclusive)
     current = _current_bench(folder, max_slowdown) if baseline is not None else None
     with _recorder(ledger, record) as rec:
         res = gate.run_check(path, cfg)

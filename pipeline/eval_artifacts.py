@@ -25,9 +25,10 @@ import numpy as np
 from edgepipe.devices.measure.host import probe_target
 from edgepipe.devices import RunOptions, Runtime, dequantize, quantize, runtimes_for
 from edgepipe.pipeline.base.errors import UnsupportedArtifact
-from edgepipe.pipeline.base.evaluation import EvalRow, classification_metrics, drops
+from edgepipe.pipeline.base.evaluation import EvalRow, classification_metrics, drops, topk_hits
 from edgepipe.pipeline.base.manifest import Artifact, artifact_problem
 from edgepipe.pipeline.datasets import LabelledSet
+from edgepipe.pipeline.fidelity.stats import class_counts
 
 EVAL_TARGETS = ("cpu", "gpu", "reference")  # the default targets, before the slow ones are left out
 CHUNK = 64  # images between two progress reports
@@ -51,6 +52,7 @@ class EvalContext:
     source_pred: Optional[np.ndarray] = None
     threads: Optional[int] = None
     progress: Progress = field(default=_noop)
+    source_top5: Optional[np.ndarray] = None  # per image: is the label among the source's top 5
 
 
 @dataclass
@@ -170,11 +172,25 @@ def metrics_row(row: EvalRow, out: np.ndarray, ctx: EvalContext, load_s: float, 
     if ctx.source is not None:
         row.agreement, row.drop = met["agreement"], drops(ctx.source, met)
         row.lost, row.gained = met["lost"], met["gained"]
+        _flip_counts(row, out, ctx)
     row.non_finite, row.samples = met.get("non_finite", 0), ds.n
     row.load_s, row.seconds = round(load_s, 4), round(secs, 4)
     row.images_per_s = round(ds.n / secs, 1) if secs > 0 else None
     row.facts = facts
     return row
+
+
+def _flip_counts(row: EvalRow, out: np.ndarray, ctx: EvalContext) -> None:
+    """The counts `check` builds intervals from: per-class flips, and top-5 flips when the source's are known."""
+    if ctx.source_pred is None:
+        return
+    pred, labels = out.argmax(axis=1), ctx.ds.labels
+    row.per_class = [list(c) for c in class_counts(ctx.source_pred, pred, labels)]
+    row.per_class_agreement = [list(c) for c in class_counts(ctx.source_pred, pred, None)]
+    if ctx.source_top5 is not None:
+        hits = topk_hits(out, labels, 5)
+        row.top5_lost = int((ctx.source_top5 & ~hits).sum())
+        row.top5_gained = int((~ctx.source_top5 & hits).sum())
 
 
 def evaluate_file(path: Path, fmt: str, runtime: Runtime, row: EvalRow, ctx: EvalContext) -> EvalRow:

@@ -23,12 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from edgepipe.devices import Registry
 from edgepipe.devices import parse_targets
 from edgepipe.pipeline import standalone
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.evaluation import (EVAL_NAME, METRICS, EvalResult, EvalRow, classification_metrics,
-                                               load_eval)
+                                               load_eval, topk_hits)
 from edgepipe.pipeline.base.manifest import Manifest, load_manifest
 from edgepipe.pipeline.base.preprocessing import Preprocessing
 from edgepipe.pipeline.base.util import pkg_version, write_json_atomic
@@ -120,10 +122,10 @@ def validate(req: EvalRequest) -> EvalPlan:
 
 
 def _source(p: EvalPlan, ds: LabelledSet, req: EvalRequest, predictor: Optional[Callable],
-            progress: Progress) -> tuple[Optional[dict], Optional[object]]:
-    """The source model's metrics and top-1 predictions (None, None for a standalone file)."""
+            progress: Progress) -> tuple[Optional[dict], Optional[np.ndarray], Optional[np.ndarray]]:
+    """The source model's metrics, top-1 predictions and top-5 hits (all None for a standalone file)."""
     if p.standalone:
-        return None, None
+        return None, None, None
     k = int(p.manifest.model.num_classes)
     progress("stage", {"name": "source model predictions"})
     out, info = source_predictions(p.manifest, p.folder, ds, predictor=predictor, source_model=req.source_model,
@@ -133,7 +135,7 @@ def _source(p: EvalPlan, ds: LabelledSet, req: EvalRequest, predictor: Optional[
                         f"Delete {info.get('path')} and re-run")
     met = classification_metrics(out, ds.labels)
     return ({"top1": met["top1"], "top5": met["top5"], "correct": met["correct"], "samples": ds.n,
-             "predictions": info}, out.argmax(axis=1))
+             "predictions": info}, out.argmax(axis=1), topk_hits(out, ds.labels, 5))
 
 
 def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[Callable] = None) -> EvalResult:
@@ -144,9 +146,9 @@ def evaluate(req: EvalRequest, progress: Progress = _noop, predictor: Optional[C
     progress("stage", {"name": "loading eval data", "detail": req.data})
     ds = load_labelled(req.data, src.input_shape, src.num_classes, labels_map=req.labels_map,
                        model_labels=src.labels, limit=req.limit, min_samples=req.min_samples, seed=req.seed)
-    source, src_pred = _source(p, ds, req, predictor, progress)
+    source, src_pred, src_top5 = _source(p, ds, req, predictor, progress)
     ctx = EvalContext(ds, ds.data(Preprocessing.from_dict(src.preprocessing)), int(src.num_classes), source,
-                      src_pred, req.threads, progress)
+                      src_pred, req.threads, progress, source_top5=src_top5)
     arts = [a for a in p.manifest.artifacts if not req.artifacts or a.id in req.artifacts]
     if p.device is None:
         rows = run_plan(plan(arts, p.folder, p.targets, p.explicit), ctx)

@@ -2,7 +2,7 @@
 
 ``prepare()`` turns a library call (or the CLI's flags) into an ExportRequest, or raises a
 UserError naming the problem and the fix: unknown formats, precisions or option values, missing
-calibration data, an unwritable output folder, a --max-drop without labelled images...
+calibration data, an unwritable output folder, a --max-drop without int8 artifacts...
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from edgepipe.pipeline.models import ModelRequest, resolve
 
 DEFAULT_CALIB_SAMPLES = 100
 DEFAULT_VERIFY_SAMPLES = 8
+DEFAULT_HOLDOUT_SAMPLES = 200  # the label-free budget's held-out images, read beyond --calib-samples
 # the placement predictor --require-full-edgetpu gates on
 EDGETPU = "edgetpu"
 
@@ -41,9 +42,23 @@ class ExportRequest:
     skipped: list[dict] = field(default_factory=list)
     parallel: bool = True  # worker-process conversions overlap the others
     max_drop: Optional[float] = None  # accuracy budget of int8 artifacts (top-1 points), or None
-    eval_data: Optional[str] = None  # the labelled set --max-drop measures on
+    eval_data: Optional[str] = None  # the labelled set --max-drop measures on; None: label-free (held-out images)
     require_full_edgetpu: bool = False
     capture_output: bool = True  # converter chatter to OUT/<model>/export.log
+    equalize: bool = True  # cross-layer equalization before converting, when int8 artifacts are planned
+    bias_correction: bool = False  # correct the int8 weight-rounding shift of each layer's bias
+    holdout_samples: int = DEFAULT_HOLDOUT_SAMPLES  # label-free budget: images held out of the calibration read
+
+    @property
+    def label_free(self) -> bool:
+        """--max-drop without labelled images: the budget is top-1 agreement with the source model on
+        calibration images held out of the calibration."""
+        return self.max_drop is not None and self.eval_data is None
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether an artifact of the plan is calibrated (int8, int16x8): where the PTQ options apply."""
+        return any(p in CALIBRATED for _, p in self.plan)
 
     @property
     def folder(self) -> Path:
@@ -61,7 +76,8 @@ class ExportRequest:
         return {"model": self.model.identity(), "plan": self.plan, "verify": self.verify,
                 "verify_samples": self.verify_samples, "calib_samples": self.calib_samples,
                 "calibration": self.reader.identity() if self.reader is not None else None,
-                "options": {f: self.options_for(f).to_dict() for f in self.formats}}
+                "options": {f: self.options_for(f).to_dict() for f in self.formats},
+                "ptq": {"equalize": self.equalize, "bias_correction": self.bias_correction}}
 
 
 def split_names(names: Names) -> Optional[list[str]]:
@@ -156,9 +172,13 @@ def recovery_data(max_drop: Optional[float], eval_data: Optional[str], data: Opt
             spec = "digits"
         elif data and Path(data).is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in Path(data).iterdir()):
             spec = data  # calibration images arranged by class
+        elif calib == "random":
+            raise UserError("--max-drop needs labelled images or real calibration images to measure the drop "
+                            "(--calib random is noise: agreement on it says nothing)",
+                            "Give --data DIR (your images: part is held out to judge agreement with the source "
+                            "model), or --eval-data DIR (one subfolder per class) or --eval-data digits")
         else:
-            raise UserError("--max-drop needs labelled images to measure the drop",
-                            "Give --eval-data DIR (one subfolder per class) or --eval-data digits")
+            return None  # label-free: agreement with the source model on held-out calibration images
     check_spec(spec)
     return spec
 
@@ -170,7 +190,7 @@ def prepare(model: Union[str, ModelRequest], *, formats: Names = None, precision
             verify_samples: int = DEFAULT_VERIFY_SAMPLES, cache: bool = True, parallel: bool = True,
             targets: Names = None, max_drop: Optional[float] = None, eval_data: Optional[str] = None,
             require_full_edgetpu: bool = False, seed: int = 0, capture_output: bool = True,
-            **model_args: Any) -> ExportRequest:
+            equalize: bool = True, bias_correction: bool = False, **model_args: Any) -> ExportRequest:
     """Validate an export (see ``export_stage.export`` for the arguments); no TensorFlow."""
     opts = format_options(options)
     if verify_samples < 1:
@@ -181,7 +201,8 @@ def prepare(model: Union[str, ModelRequest], *, formats: Names = None, precision
     req = ExportRequest(model=req_model, plan=plan, out=Path(out), reader=make_reader(data, calib, seed),
                         calib_samples=calib_samples, verify=verify, verify_samples=verify_samples,
                         options={f: opts[f] for f, _ in plan}, use_cache=cache, skipped=skipped, parallel=parallel,
-                        require_full_edgetpu=require_full_edgetpu, capture_output=capture_output)
+                        require_full_edgetpu=require_full_edgetpu, capture_output=capture_output,
+                        equalize=equalize, bias_correction=bias_correction)
     validate(req)
     req.max_drop = max_drop
     req.eval_data = recovery_data(max_drop, eval_data, data, calib, plan)

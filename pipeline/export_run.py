@@ -19,19 +19,22 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgepipe.devices.graph.edgetpu import analyze_tflite
-from edgepipe.export import CALIBRATED, ExportFailed, ExportResult, Format, WorkerJob, create
+from edgepipe.export import CALIBRATED, ExportFailed, ExportResult, Format, WorkerJob, create, format_class
 from edgepipe.export.worker import Worker
 from edgepipe.pipeline import models
 from edgepipe.pipeline.base.manifest import Artifact, Manifest
-from edgepipe.pipeline.base.records import Calibration, Traced, VerificationSet
+from edgepipe.pipeline.base.records import Calibration, LoadedModel, Traced, VerificationSet
 from edgepipe.pipeline.base.util import atomic_path, converter_versions, path_size, pkg_version, sha256_file, write_json_atomic
 from edgepipe.pipeline.calibration import calibrate
 from edgepipe.pipeline.export_plan import ExportRequest
+from edgepipe.pipeline.fidelity.holdout import split_for_budget
+from edgepipe.pipeline.fidelity.ptq import strengthen
 from edgepipe.pipeline.trace import trace
 from edgepipe.pipeline.verify import describe_io, verify_artifact
 
 Progress = Callable[[str, dict], None]
 REFERENCE_NAME = "reference.npz"
+BENCH_INPUTS = 32
 PREPROCESSING_NAME = "preprocessing.json"
 
 # placement predictors a format can ask for (Format.placement) -> path -> report dict
@@ -61,38 +64,43 @@ def _seconds(t0: float) -> float:
 @dataclass
 class ExportRun:
     req: ExportRequest
-    traced: Traced
+    traced: Traced  # the model every artifact converts from (equalized, when that applied)
     calibration: Optional[Calibration]
     vset: VerificationSet
     formats: dict[str, Format]
     progress: Progress = noop
     timings: dict = field(default_factory=dict)
     worker: Optional[Worker] = None
+    original: Optional[LoadedModel] = None  # the source model as loaded: what artifacts are verified against
+    reference: Optional[Callable[[np.ndarray], np.ndarray]] = None  # the original's outputs for inputs
+    holdout: Optional[Calibration] = None  # label-free budget: calibration images never calibrated on
+    bench_inputs: dict = field(default_factory=dict)  # reference.npz: more real inputs for bench's output check
 
     # -- set-up ------------------------------------------------------------------------------
     @classmethod
     def start(cls, req: ExportRequest, progress: Progress = noop,
               vset: Optional[VerificationSet] = None) -> "ExportRun":
-        """Load, trace and calibrate once; build the verification set unless one is given."""
+        """Load and calibrate once, strengthen the model for int8 (pipeline/fidelity/ptq.py), trace it once;
+        build the verification set (the ORIGINAL model's outputs) unless one is given."""
         progress("stage", {"name": "load", "detail": req.model.source})
         t0 = time.perf_counter()
         loaded = models.load(req.model)
         timings = {"load_s": _seconds(t0)}
+        calibration, holdout = read_calibration(req, loaded, progress, timings)
+        converted = strengthen_model(req, loaded, calibration, progress, timings)
         progress("stage", {"name": "trace"})
-        traced = trace(loaded)
+        traced = trace(converted)
         timings.update(traced.timings)
-        calibration = None
-        if req.reader is not None:
-            progress("stage", {"name": "calibration data", "detail": req.reader.name})
-            t0 = time.perf_counter()
-            calibration = calibrate(req.reader, req.calib_samples, traced.source.input_shape, traced.preprocessing)
-            timings["calibration_data_s"] = _seconds(t0)
+        reference = traced.reference if converted is loaded else original_reference(loaded)
         if vset is None:
             progress("stage", {"name": "reference outputs"})
             t0 = time.perf_counter()
-            vset = verification_set(traced, calibration, req.verify_samples, req.model.seed)
+            vset = verification_set(traced, calibration, req.verify_samples, req.model.seed, reference)
             timings["reference_s"] = _seconds(t0)
-        return cls(req, traced, calibration, vset, create(req.formats), progress, timings)
+        run = cls(req, traced, calibration, vset, create(req.formats), progress, timings, original=loaded,
+                  reference=reference, holdout=holdout)
+        run.bench_inputs = bench_inputs(calibration, reference)
+        return run
 
     def format(self, name: str) -> Format:
         """This export's instance of a format (made on first use for one outside the plan)."""
@@ -111,13 +119,17 @@ class ExportRun:
     def new_manifest(self, cache_key: Optional[str]) -> Manifest:
         """Write reference.npz and preprocessing.json; the manifest they belong to."""
         folder, src, cal = self.req.folder, self.traced.source, self.calibration
-        self.vset.save(folder / REFERENCE_NAME)
+        self.vset.save(folder / REFERENCE_NAME, self.bench_inputs)
         write_json_atomic(folder / PREPROCESSING_NAME,
                           {"model": src.name, "input_shape": src.input_shape, "input_layout": "NHWC",
                            "preprocessing": self.traced.preprocessing.to_dict(), "labels": src.labels})
         m = Manifest(model=src, verify=self.req.verify, timings=dict(self.timings), versions=converter_versions(),
                      cache_key=cache_key, calibration=cal.describe() if cal else None,
                      reference={"path": REFERENCE_NAME, "samples": self.vset.n, "data": self.vset.source})
+        if self.holdout is not None and m.calibration is not None:
+            m.calibration["held_out"] = self.holdout.n  # judged the label-free budget, never calibrated on
+        if "inputs" in self.bench_inputs and m.reference is not None:
+            m.reference["inputs"] = int(self.bench_inputs["inputs"].shape[0])
         if self.req.skipped:
             m.extra["skipped"] = self.req.skipped
         return m
@@ -242,8 +254,10 @@ def describe(f: Format, res: ExportResult, path: Path) -> None:
         res.extra = {**res.extra, f.placement: f.placement_report(prediction, res)}
 
 
-def verification_set(traced: Traced, calibration: Optional[Calibration], samples: int, seed: int) -> VerificationSet:
-    """Real calibration images when given, else seeded noise; with the source model's outputs."""
+def verification_set(traced: Traced, calibration: Optional[Calibration], samples: int, seed: int,
+                     reference: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> VerificationSet:
+    """Real calibration images when given, else seeded noise; with the source model's outputs
+    (``reference``: the original model's, when the traced one was rewritten)."""
     if calibration is not None and calibration.source != "random":
         raw, source = calibration.raw[:samples], calibration.source
     else:
@@ -251,4 +265,69 @@ def verification_set(traced: Traced, calibration: Optional[Calibration], samples
         raw = rng.integers(0, 256, size=(samples, *traced.source.input_shape[1:])).astype(np.float32)
         source = "random"
     data = traced.preprocessing.apply(raw).astype(np.float32)
-    return VerificationSet(raw=raw, data=data, reference=traced.reference(data), source=source)
+    return VerificationSet(raw=raw, data=data, reference=(reference or traced.reference)(data), source=source)
+
+
+def read_calibration(req: ExportRequest, loaded: LoadedModel, progress: Progress,
+                     timings: dict) -> tuple[Optional[Calibration], Optional[Calibration]]:
+    """(the images to calibrate on, the held-out ones a label-free budget is judged on, or None)."""
+    if req.reader is None:
+        return None, None
+    progress("stage", {"name": "calibration data", "detail": req.reader.name})
+    t0 = time.perf_counter()
+    n = req.calib_samples + (req.holdout_samples if req.label_free else 0)
+    calibration = calibrate(req.reader, n, loaded.source.input_shape, loaded.preprocessing)
+    timings["calibration_data_s"] = _seconds(t0)
+    if not req.label_free:
+        return calibration, None
+    return split_for_budget(calibration, req.calib_samples, req.model.seed)
+
+
+def strengthen_model(req: ExportRequest, loaded: LoadedModel, calibration: Optional[Calibration],
+                     progress: Progress, timings: dict) -> LoadedModel:
+    """The model to convert: equalized and/or bias-corrected when int8 artifacts are planned; what was
+    applied goes to ``model.options["ptq"]`` in the manifest."""
+    if not req.quantizes or not (req.equalize or req.bias_correction):
+        return loaded
+    progress("stage", {"name": "equalizing" if req.equalize else "bias correction"})
+    t0 = time.perf_counter()
+    levels = bias_levels(req) if req.bias_correction else None
+    converted, record = strengthen(loaded, calibration.data if calibration is not None else None,
+                                   equalize=req.equalize, bias_levels=levels)
+    loaded.source.options = {**(loaded.source.options or {}), "ptq": record}
+    timings["ptq_s"] = _seconds(t0)
+    return converted
+
+
+def bias_levels(req: ExportRequest) -> Optional[int]:
+    """The int8 weight grid of the first calibrated artifact of the plan (formats differ: 127 or 63)."""
+    for f, p in req.plan:
+        if p in CALIBRATED:
+            levels = format_class(f)().int8_weight_levels(req.options_for(f))
+            if levels:
+                return levels
+    return None
+
+
+def original_reference(lm: LoadedModel) -> Callable[[np.ndarray], np.ndarray]:
+    """The source model's outputs as loaded (before any rewrite), one image at a time like the trace."""
+    def reference(x: np.ndarray) -> np.ndarray:
+        outs = []
+        for i in range(x.shape[0]):
+            y = lm.model(x[i:i + 1], training=False)
+            if isinstance(y, dict):
+                y = [y[k] for k in sorted(y)]
+            outs.append(np.asarray(y[0] if isinstance(y, (list, tuple)) and len(y) == 1 else y))
+        return np.concatenate(outs, axis=0)
+
+    return reference
+
+
+def bench_inputs(calibration: Optional[Calibration], reference: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Up to BENCH_INPUTS real calibration images and the source model's outputs on them: bench checks
+    each accelerator's outputs on these (reference.npz keys inputs, inputs_raw, inputs_outputs)."""
+    if calibration is None or calibration.source == "random" or calibration.n == 0:
+        return {}
+    data = calibration.data[:BENCH_INPUTS].astype(np.float32)
+    return {"inputs": data, "inputs_raw": calibration.raw[:BENCH_INPUTS].astype(np.float32),
+            "inputs_outputs": np.asarray(reference(data), np.float32)}

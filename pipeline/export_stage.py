@@ -45,8 +45,8 @@ def export(model: Union[str, ModelRequest], *, formats: Names = None, precisions
            trust_model: bool = False, seed: int = 0, verify: bool = True,
            verify_samples: int = DEFAULT_VERIFY_SAMPLES, cache: bool = True, parallel: bool = True,
            targets: Names = None, max_drop: Optional[float] = None, eval_data: Optional[str] = None,
-           require_full_edgetpu: bool = False, capture_output: bool = True,
-           progress: Optional[Progress] = None) -> ExportOutcome:
+           require_full_edgetpu: bool = False, capture_output: bool = True, equalize: bool = True,
+           bias_correction: bool = False, progress: Optional[Progress] = None) -> ExportOutcome:
     """Convert a model to verified artifacts in ``OUT/<model>/``.
 
     ``model``: a built-in name (with ``weights``, ``input_size``, ``alpha``, ``classes``) or a
@@ -56,8 +56,12 @@ def export(model: Union[str, ModelRequest], *, formats: Names = None, precisions
     with ``targets`` including a format's target (``edgetpu``) that format. Calibration from
     ``data`` (a folder) or ``calib`` ("digits" | "random"). ``options`` holds format options by key
     (``int8_io``, ``onnx_int8``, ``calib_method``, ``onnx_opset``, ``palette_bits``,
-    ``edgetpu_compiler``, ``edgetpu_timeout``). ``max_drop`` (top-1 points on ``eval_data``) runs
-    the int8 accuracy recovery; ``require_full_edgetpu`` gates Edge TPU artifacts on full mapping.
+    ``edgetpu_compiler``, ``edgetpu_timeout``). ``max_drop`` (top-1 points on ``eval_data``; without
+    labelled images, points of disagreement with the source model on calibration images held out of
+    the calibration) runs the int8 accuracy recovery; ``require_full_edgetpu`` gates Edge TPU
+    artifacts on full mapping. ``equalize`` (cross-layer equalization, default on) and
+    ``bias_correction`` (default off) rewrite the Keras weights before conversion when int8
+    artifacts are planned (pipeline/fidelity/ptq.py); artifacts are verified against the original.
     ``capture_output`` sends converter output to ``OUT/<model>/export.log``. ``progress(event,
     info)`` is told about stages ("stage", "cache", "artifacts", "convert", "verify", "done", "note").
 
@@ -69,7 +73,8 @@ def export(model: Union[str, ModelRequest], *, formats: Names = None, precisions
                   cache=cache, parallel=parallel, targets=targets, max_drop=max_drop, eval_data=eval_data,
                   require_full_edgetpu=require_full_edgetpu, seed=seed, capture_output=capture_output,
                   weights=weights, input_size=input_size, alpha=alpha, classes=classes, preprocess=preprocess,
-                  mean=mean, std=std, scale=scale, labels_file=labels, trust=trust_model)
+                  mean=mean, std=std, scale=scale, labels_file=labels, trust=trust_model, equalize=equalize,
+                  bias_correction=bias_correction)
     return run(req, progress or noop)
 
 
@@ -109,7 +114,7 @@ def _fresh(req: ExportRequest, key: Optional[str], progress: Progress,
         er.export_all(manifest)
         manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         manifest.save(req.folder)
-        if req.max_drop is not None and req.eval_data is not None:
+        if req.max_drop is not None:
             recovery = recover_int8(er, manifest, req.max_drop, req.eval_data)
             manifest.save(req.folder)
     finally:

@@ -8,17 +8,25 @@ source model on the same images), with overrides by precision, format or artifac
     GateConfig(budgets=[Budget("top1", 1.0, {"int8": 1.5})], require_verified=True)
 
 Rows
-    * one per (artifact, target, metric) that eval ran: pass when drop <= budget;
+    * one per (artifact, target, metric) that eval ran, judged by the drop's interval from the
+      paired counts eval.json records (pipeline/fidelity/stats.py; ``confidence``, default 0.95):
+      pass when the whole interval is within the budget; fail when the drop is over the budget
+      (or, with ``max_class_drop``, one class's interval lies wholly over that); inconclusive when
+      the drop is within the budget but the interval reaches past it (the set is too small to show
+      it), which fails the gate unless ``allow_inconclusive``. Rows of an eval.json written without
+      counts are judged by their point estimate, as before, with a note;
+    * one per bench row of a bench.json beside eval.json whose outputs were checked: fail for a
+      ``wrong-output`` row (its target computes wrong answers);
     * an artifact whose export failed, or whose evaluation errored: fail;
     * targets eval skipped (runtime unavailable here): listed as skipped, never fail;
     * ``require_verified``: one row per artifact, fail unless verification passed;
     * ``require_full_edgetpu``: one row per artifact carrying ``extra["edgetpu"]``, fail when
       any op would run on the CPU (``edgepipe.devices.edgetpu.require_full_edgetpu``).
-The gate fails (``GateFailure``, exit 1) when any row fails. Before any row, the baseline is
-checked: a source model that does no better than guessing on the eval set (wrong class mapping
+The gate fails (``GateFailure``, exit 1) when any row fails (or is inconclusive, unless allowed).
+Before any row, the baseline is checked: a source model that does no better than guessing on the eval set (wrong class mapping
 or preprocessing, almost always) makes every drop meaningless, so check refuses it (exit 2),
 unless the model is untrained on purpose (a built-in exported with ``--weights none``), where
-it warns instead. numpy-free, TensorFlow-free.
+it warns instead. TensorFlow-free.
 """
 from __future__ import annotations
 
@@ -32,13 +40,17 @@ from typing import Any, Optional, Sequence
 
 from edgepipe.devices.graph.edgetpu import require_full_edgetpu
 from edgepipe.export.base import PRECISIONS
+from edgepipe.pipeline.base.bench import WRONG_OUTPUT, BenchReport
 from edgepipe.pipeline.base.errors import GateFailure, UserError
 from edgepipe.pipeline.base.evaluation import METRIC_LABELS, METRICS, EvalResult, EvalRow, load_eval
 from edgepipe.pipeline.base.manifest import Manifest, load_manifest
 from edgepipe.pipeline.base.recorded import Recorded
 from edgepipe.pipeline.base.util import write_text_atomic
+from edgepipe.pipeline.fidelity.stats import drop_from_counts
 
 EPS = 1e-9
+DEFAULT_CONFIDENCE = 0.95
+BENCH_NAME = "bench.json"
 
 
 @dataclass
@@ -77,6 +89,17 @@ class GateConfig:
     require_verified: bool = False
     require_full_edgetpu: bool = False
     allow_chance_source: bool = False  # gate even when the source model does not beat guessing on the set
+    confidence: float = DEFAULT_CONFIDENCE  # of each drop's interval
+    max_class_drop: Optional[float] = None  # fail when one class's drop interval lies wholly over this (points)
+    allow_inconclusive: bool = False  # an inconclusive row passes with a warning instead of failing the gate
+
+    def __post_init__(self):
+        if not isinstance(self.confidence, (int, float)) or not 0.5 < self.confidence < 1.0:
+            raise UserError(f"--confidence {self.confidence} is not a level between 0.5 and 1",
+                            "Give the interval's confidence level, e.g. --confidence 0.95")
+        if self.max_class_drop is not None and (math.isnan(self.max_class_drop) or self.max_class_drop < 0):
+            raise UserError(f"--max-class-drop {self.max_class_drop} is not a non-negative number of points",
+                            "Give the largest drop one class may show, e.g. --max-class-drop 5")
 
 
 @dataclass
@@ -92,8 +115,21 @@ class CheckRow:
     drop: Optional[float] = None
     budget: Optional[float] = None
     budget_from: Optional[str] = None
-    status: str = "pass"  # pass | fail | skipped
+    status: str = "pass"  # pass | fail | inconclusive | skipped
     reason: Optional[str] = None
+    # the statistics (rows judged from image counts; None for an eval.json written without them)
+    samples: Optional[int] = None
+    low: Optional[float] = None  # the drop's interval, points
+    high: Optional[float] = None
+    confidence: Optional[float] = None
+    verdict: Optional[str] = None  # pass | fail | inconclusive: the interval against the budget
+    needed: Optional[int] = None  # inconclusive: images at which the interval would clear the budget
+    worst_class: Optional[dict] = None  # {cls, n, drop, low, high, lost, gained}
+
+    def interval_text(self) -> str:
+        if self.low is None or self.high is None:
+            return "-"
+        return f"[{self.low:.2f}, {self.high:.2f}]"
 
     @property
     def name(self) -> str:
@@ -113,10 +149,17 @@ class CheckResult:
     reports: list[str] = field(default_factory=list)  # report files written (JUnit, Markdown, step summary)
     latency: Optional[Any] = None  # the latency gate's result (ledger.LatencyGateResult) when check had a baseline
     ledger: Optional[Recorded] = None  # where this check was recorded
+    notes: list[str] = field(default_factory=list)  # how rows were judged, for the reader (not warnings)
 
     @property
     def failed(self) -> list[CheckRow]:
-        return [r for r in self.rows if r.status == "fail"]
+        """The rows that fail the gate: failed ones, and inconclusive ones unless allowed."""
+        return [r for r in self.rows if r.status == "fail"
+                or (r.status == "inconclusive" and not self.config.allow_inconclusive)]
+
+    @property
+    def inconclusive(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.status == "inconclusive"]
 
     @property
     def passed(self) -> bool:
@@ -129,14 +172,19 @@ class CheckResult:
                 "skipped": sum(r.status == "skipped" for r in self.rows),
                 "dataset": self.dataset, "config": asdict(self.config),
                 "rows": [asdict(r) | {"name": r.name} for r in self.rows], "warnings": list(self.warnings),
+                "notes": list(self.notes),
                 **({"latency": self.latency.to_dict()} if self.latency is not None else {}),
                 **({"ledger": self.ledger.to_dict()} if self.ledger is not None else {})}
 
     def summary_line(self) -> str:
         n = len([r for r in self.rows if r.status != "skipped"])
+        unsure = len(self.inconclusive)
         if self.passed:
-            return f"{self.model}: all {n} checks passed"
-        return f"{self.model}: {len(self.failed)} of {n} checks failed"
+            return f"{self.model}: all {n} checks passed" + (f" ({unsure} inconclusive, allowed)" if unsure else "")
+        fails = sum(r.status == "fail" for r in self.rows)
+        if not fails:
+            return f"{self.model}: {unsure} of {n} checks inconclusive (too few images to show the budget holds)"
+        return f"{self.model}: {fails} of {n} checks failed" + (f", {unsure} inconclusive" if unsure else "")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -196,7 +244,51 @@ def run_check(model_dir: str | os.PathLike, config: GateConfig) -> CheckResult:
                                  reason=None if ok else f"verification {v.status}" + (f": {v.reason}" if v.reason else "")))
     if config.require_full_edgetpu:
         rows.extend(_edgetpu_rows(m))
-    return CheckResult(m.model.name, str(folder), ev.dataset, config, rows, warnings)
+    out_rows, out_warnings = _output_rows(m, folder)
+    rows.extend(out_rows)
+    res = CheckResult(m.model.name, str(folder), ev.dataset, config, rows, warnings + out_warnings,
+                      notes=_count_notes(rows))
+    if config.allow_inconclusive and res.inconclusive:
+        res.warnings.append(f"{len(res.inconclusive)} check(s) inconclusive, passed because of --allow-inconclusive: "
+                            "the eval set is too small to show their drops are within the budget")
+    return res
+
+
+def _count_notes(rows: list[CheckRow]) -> list[str]:
+    old = [r for r in rows if r.check in METRICS and r.status != "skipped" and r.drop is not None and r.confidence is None]
+    if not old:
+        return []
+    return [f"{len(old)} drop(s) judged by the point estimate alone: eval.json carries no image counts for them "
+            "(written by an older edgepipe); re-run `edgepipe eval` for intervals and the inconclusive verdict"]
+
+
+def _output_rows(m: Manifest, folder: Path) -> tuple[list[CheckRow], list[str]]:
+    """bench.json beside eval.json: a row whose outputs disagree with the CPU's (status wrong-output) fails;
+    rows whose outputs were checked and agree pass."""
+    path = folder / BENCH_NAME
+    if not path.is_file():
+        return [], []
+    try:
+        bench = BenchReport.load(path)
+    except UserError as e:
+        return [], [f"{BENCH_NAME} not read: {e.message}"]
+    arts = {a.id: a for a in m.artifacts if a.path}
+    rows, stale = [], []
+    for b in bench.rows:
+        a = arts.get(b.artifact)
+        check = (b.agreement or {}).get("check")
+        if a is None or (b.status != WRONG_OUTPUT and not check):
+            continue
+        if a.size_bytes and b.size_bytes and a.size_bytes != b.size_bytes:
+            stale.append(f"{b.artifact} on {b.target}")
+            continue
+        where = b.target if b.device in (None, "local") else f"{b.target}@{b.device}"
+        ok = b.status != WRONG_OUTPUT
+        rows.append(CheckRow(a.id, a.format, a.precision, "outputs", where, b.runtime, status="pass" if ok else "fail",
+                             reason=None if ok else f"bench: {b.reason or 'outputs disagree'} ({BENCH_NAME})"))
+    warn = [f"{BENCH_NAME} is stale for {', '.join(stale)} (the artifact changed since the bench): re-run "
+            "`edgepipe bench`"] if stale else []
+    return rows, warn
 
 
 def _eval_rows(a, r: EvalRow, source: dict, config: GateConfig) -> list[CheckRow]:
@@ -210,13 +302,60 @@ def _eval_rows(a, r: EvalRow, source: dict, config: GateConfig) -> list[CheckRow
     for b in config.budgets:
         budget, origin = b.for_artifact(a.id, a.format, a.precision)
         src_v = 100.0 if b.metric == "agreement" else source[b.metric]
-        drop = r.drop[b.metric]
-        ok = drop <= budget + EPS
-        reason = None if ok else (f"{METRIC_LABELS[b.metric]} drop {drop:.2f} > budget {_pts(budget)} points"
-                                  f" ({r.lost or 0} images lost, {r.gained or 0} gained)")
-        out.append(CheckRow(a.id, a.format, a.precision, b.metric, r.where, r.runtime, src_v, getattr(r, b.metric),
-                            drop, budget, origin, "pass" if ok else "fail", reason))
+        row = CheckRow(a.id, a.format, a.precision, b.metric, r.where, r.runtime, src_v, getattr(r, b.metric),
+                       r.drop[b.metric], budget, origin)
+        counts = r.flips(b.metric)
+        if counts is None:
+            _judge_point(row, r)
+        else:
+            _judge_interval(row, counts, config)
+        out.append(row)
     return out
+
+
+def _judge_point(row: CheckRow, r: EvalRow) -> None:
+    """An eval.json row without image counts: the point estimate against the budget, as before intervals."""
+    assert row.drop is not None and row.budget is not None
+    if row.drop <= row.budget + EPS:
+        return
+    row.status = "fail"
+    row.reason = (f"{METRIC_LABELS[row.check]} drop {row.drop:.2f} > budget {_pts(row.budget)} points"
+                  f" ({r.lost or 0} images lost, {r.gained or 0} gained)")
+
+
+def _judge_interval(row: CheckRow, counts: tuple[int, int, int, list], config: GateConfig) -> None:
+    """The drop's interval from the paired counts against the budget (pipeline/fidelity/stats.py):
+    pass when the whole interval is within it; fail when the interval lies over it, when the point
+    estimate is over it, or when one class's interval lies over ``max_class_drop``; else inconclusive."""
+    n, lost, gained, per_class = counts
+    assert row.budget is not None
+    res = drop_from_counts(n, lost, gained, metric="agreement" if row.check == "agreement" else "top1",
+                           per_class=[tuple(c) for c in per_class], confidence=config.confidence,
+                           budget=row.budget, class_budget=config.max_class_drop)
+    row.samples, row.low, row.high, row.confidence = n, res.low, res.high, config.confidence
+    row.verdict, row.worst_class = res.verdict, res.worst_class.to_dict() if res.worst_class else None
+    over = row.drop is not None and row.drop > row.budget + EPS
+    if res.verdict == "pass":
+        return
+    row.needed = res.needed
+    row.status = "fail" if res.verdict == "fail" or over else "inconclusive"
+    what = "disagreement" if row.check == "agreement" else f"{METRIC_LABELS[row.check]} drop"
+    flips = f"{lost} disagree" if row.check == "agreement" else f"{lost} lost, {gained} gained"
+    head = (f"{what} {row.drop:.2f} > budget {_pts(row.budget)} points" if over
+            else f"{what} {row.drop:.2f}, within the budget of {_pts(row.budget)} points,")
+    pct = f"{100 * config.confidence:g}%"
+    bad = [c for c in res.per_class if config.max_class_drop is not None and c.low > config.max_class_drop + EPS]
+    if res.verdict == "fail" and not over and bad:  # a class over --max-class-drop
+        c = bad[0]
+        row.reason = (f"class {c.cls} drops {c.drop:.1f} [{c.low:.1f}, {c.high:.1f}] points on its {c.n} images, "
+                      f"over --max-class-drop {_pts(config.max_class_drop or 0.0)} ({pct} interval)")
+    elif res.verdict == "fail":
+        row.reason = f"{head} ({flips} of {n} images; {pct} interval {row.interval_text()} lies over the budget)"
+    else:
+        more = (f"about {res.needed} images at these rates would show it is {'over' if over else 'under'} the budget"
+                if res.needed else "the observed drop sits on the budget")
+        row.reason = (f"{head} but its {pct} interval {row.interval_text()} ({flips} of {n} images) reaches past "
+                      f"it: {more}")
 
 
 def _check_fresh(m: Manifest, ev: EvalResult, ev_path: Path) -> None:
@@ -302,6 +441,10 @@ def _budget_line(cfg: GateConfig) -> str:
         if b.overrides:
             s += " (" + ", ".join(f"{k}: {_pts(v)}" for k, v in b.overrides.items()) + ")"
         parts.append(s)
+    parts.append(f"{100 * cfg.confidence:g}% intervals from the paired predictions; an interval reaching past "
+                 f"the budget is inconclusive ({'allowed' if cfg.allow_inconclusive else 'fails the gate'})")
+    if cfg.max_class_drop is not None:
+        parts.append(f"no class over {_pts(cfg.max_class_drop)} points")
     if cfg.require_verified:
         parts.append("verification must pass")
     if cfg.require_full_edgetpu:
@@ -309,17 +452,33 @@ def _budget_line(cfg: GateConfig) -> str:
     return "; ".join(parts)
 
 
+def _status_text(res: CheckResult, r: CheckRow) -> str:
+    if r.status == "inconclusive":
+        return "⚠️ inconclusive" + (" (allowed)" if res.config.allow_inconclusive else "")
+    return {"pass": "✅ pass", "fail": "❌ FAIL", "skipped": "⏭️ skipped"}[r.status]
+
+
+def _interval_cell(r: CheckRow) -> str:
+    if r.low is None:
+        return "-"
+    worst = r.worst_class
+    cls = f"; worst class {worst['cls']}: {worst['drop']:.1f}" if worst and worst["drop"] > 0 else ""
+    return f"{r.interval_text()} ({r.samples} images{cls})"
+
+
 def render_markdown(res: CheckResult) -> str:
-    icon = {"pass": "✅ pass", "fail": "❌ FAIL", "skipped": "⏭️ skipped"}
-    head = "✅ passed" if res.passed else f"❌ {len(res.failed)} failed"
+    fails, unsure = sum(r.status == "fail" for r in res.rows), len(res.inconclusive)
+    head = "✅ passed" if res.passed else f"❌ {fails} failed" if fails else f"⚠️ {unsure} inconclusive"
+    pct = f"{100 * res.config.confidence:g}%"
     lines = [f"### edgepipe check: {res.model}: {head}", "",
              f"Budgets: {_budget_line(res.config)}. Data: {_dataset_line(res.dataset)}.", "",
-             "| artifact | target | check | source | artifact | drop | budget | result |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             f"| artifact | target | check | source | artifact | drop | budget | result | {pct} interval |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
     for r in res.rows:
         budget = "-" if r.budget is None else _pts(r.budget) + (f" ({r.budget_from})" if r.budget_from not in (None, "default") else "")
         lines.append(f"| {r.artifact} | {r.target or '-'} | {METRIC_LABELS.get(r.check, r.check)} | "
-                     f"{_fmt(r.source_value)} | {_fmt(r.artifact_value)} | {_fmt(r.drop)} | {budget} | {icon[r.status]} |")
+                     f"{_fmt(r.source_value)} | {_fmt(r.artifact_value)} | {_fmt(r.drop)} | {budget} | "
+                     f"{_status_text(res, r)} | {_interval_cell(r)} |")
     for w in res.warnings:
         lines[2:2] = [f"> ⚠️ **warning:** {_md_escape(w)}", ""]
     notes = [r for r in res.rows if r.reason and r.status != "pass"]
@@ -327,6 +486,7 @@ def render_markdown(res: CheckResult) -> str:
         lines.append("")
         for r in notes:
             lines.append(f"- **{r.name}**: {_md_escape(r.reason)}")
+    lines += ["", *(f"> {_md_escape(n)}" for n in res.notes)] if res.notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -348,8 +508,11 @@ def render_junit(res: CheckResult) -> str:
         tc = ET.SubElement(suite, "testcase", classname=f"edgepipe.{res.model}.{r.artifact}", name=r.name)
         detail = (f"source {_fmt(r.source_value)}, artifact {_fmt(r.artifact_value)}, drop {_fmt(r.drop)}, "
                   f"budget {'-' if r.budget is None else _pts(r.budget)}")
-        if r.status == "fail":
-            f = ET.SubElement(tc, "failure", message=r.reason or "failed", type=f"edgepipe.{r.check}")
+        if r.low is not None:
+            detail += f", {100 * (r.confidence or 0):g}% interval {_interval_cell(r)}, verdict {r.verdict}"
+        if r.status == "fail" or (r.status == "inconclusive" and not res.config.allow_inconclusive):
+            kind = "inconclusive" if r.status == "inconclusive" else r.check
+            f = ET.SubElement(tc, "failure", message=r.reason or "failed", type=f"edgepipe.{kind}")
             f.text = detail
         elif r.status == "skipped":
             ET.SubElement(tc, "skipped", message=r.reason or "skipped")

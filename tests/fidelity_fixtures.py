@@ -69,7 +69,7 @@ def exported(path: Path, preprocess: str, out: Path, formats=("tflite", "onnx"),
     """int8 artifacts of a model (exported once per session and output folder)."""
     from fidelity_harness import export_int8
 
-    key = ("export", str(path), str(out), tuple(formats))
+    key = ("export", str(path), str(out), tuple(formats), tuple(sorted(kw.items())))
     if key not in _SOURCES:
         _SOURCES[key] = export_int8(path, preprocess, out, formats, **kw)
     return _SOURCES[key]

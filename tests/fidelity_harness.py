@@ -11,12 +11,11 @@ from typing import Optional
 
 import numpy as np
 
-from edgepipe.export.base import ExportOptions
 from edgepipe.pipeline.base.preprocessing import Preprocessing
 from edgepipe.pipeline.base.records import Calibration
 from edgepipe.pipeline.calibration import calibrate, make_reader
 from edgepipe.pipeline.datasets import digits_arrays
-from edgepipe.pipeline.export_stage import ExportRequest, run_export
+from edgepipe.pipeline.export_stage import prepare, run
 from edgepipe.pipeline.fidelity.holdout import artifact_drop
 from edgepipe.pipeline.fidelity.runs import latency_ms
 from edgepipe.pipeline.models import resolve
@@ -61,13 +60,13 @@ def load_source(path: Path, preprocess: str) -> Source:
 
 def export_int8(model_path: Path, preprocess: str, out: Path, formats=("tflite", "onnx"), *,
                 calib_samples: int = CALIB_SAMPLES, calib_method: Optional[str] = None,
-                precisions=("int8",)) -> dict[str, Path]:
-    """Export through the real export stage (no cache); {format: artifact path} of the int8 ones."""
-    req = ExportRequest(model=resolve(str(model_path), preprocess=preprocess),
-                        plan=[(f, p) for f in formats for p in precisions], out=out,
-                        reader=make_reader(None, "digits"), calib_samples=calib_samples,
-                        options=ExportOptions(calib_method=calib_method), use_cache=False, parallel=False)
-    m = run_export(req)  # an artifact that fails verification is still written: it is what we measure
+                precisions=("int8",), equalize: bool = True, bias_correction: bool = False) -> dict[str, Path]:
+    """Export through the real export stage (no cache), with its defaults unless told otherwise;
+    {format: artifact path} of the int8 ones."""
+    req = prepare(str(model_path), preprocess=preprocess, formats=list(formats), precisions=list(precisions), out=out,
+                  calib="digits", calib_samples=calib_samples, options={"calib_method": calib_method},
+                  cache=False, parallel=False, equalize=equalize, bias_correction=bias_correction)
+    m = run(req).manifest  # an artifact that fails verification is still written: it is what we measure
     failed = [f"{a.id}: {a.error}" for a in m.artifacts if not a.path]
     if failed:
         raise RuntimeError("; ".join(failed))

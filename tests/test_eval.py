@@ -247,6 +247,10 @@ def test_trained_digits_model_and_its_int8_artifacts(digits_export):
         assert r["drop"]["top1"] <= 1.0, r
         assert r["agreement"] >= 98.0
         assert r["top1"] == pytest.approx(100.0 * r["correct"] / 450)
+        # the counts check builds its intervals from: flips per class (by label, by the source's top-1)
+        assert sum(c[1] for c in r["per_class"]) == 450 and sum(c[2] for c in r["per_class"]) == r["lost"]
+        assert sum(c[2] for c in r["per_class_agreement"]) == round((100.0 - r["agreement"]) * 4.5)
+        assert r["top5_lost"] >= 0 and r["top5_gained"] >= 0
     from edgepipe.devices.runtimes.base import Runtime, _load_all
 
     _load_all()

@@ -1,5 +1,6 @@
 """The per-layer report of int8 artifacts (edgepipe.pipeline.fidelity.report / layers / render)
-on real trained models, converters and runtimes."""
+on real trained models, converters and runtimes. The artifacts are exported without cross-layer
+equalization (which would fix the deliberately broken layer) and compared with the source as loaded."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from fidelity_fixtures import broken50, exported, fid_models, source  # noqa: F4
 def broken_reports(broken50, tmp_path_factory):
     """Reports of the TFLite and ONNX int8 artifacts of the model with one channel scaled 50x."""
     src = source(broken50, "tf")
-    arts = exported(broken50, "tf", tmp_path_factory.getbasetemp() / "fid-export-x50")
+    arts = exported(broken50, "tf", tmp_path_factory.getbasetemp() / "fid-export-x50", equalize=False)
     calib = src.calibration()
     return {fmt: layer_report(arts[fmt], fmt, calib, traced=src.traced, calibration=calib) for fmt in ("tflite", "onnx")}
 
@@ -58,7 +59,7 @@ def test_report_renders_and_round_trips(broken_reports, tmp_path):
 
 def test_without_the_source_model_only_accumulated_figures(broken50, tmp_path):
     src = source(broken50, "tf")
-    art = exported(broken50, "tf", tmp_path.parent / "fid-export-x50")["tflite"]
+    art = exported(broken50, "tf", tmp_path.parent / "fid-export-x50", equalize=False)["tflite"]
     ref = sources.float_reference(src.traced, "tflite", tmp_path)
     rep = layer_report(art, "tflite", src.calibration(), reference=ref)
     assert "needs the source model" in rep.isolated["skipped"]
@@ -70,7 +71,7 @@ def test_without_the_source_model_only_accumulated_figures(broken50, tmp_path):
 def test_coreml_weight_only_report(fid_models, tmp_path_factory):
     src = source(fid_models["digits_cnn"], "unit")
     art = exported(fid_models["digits_cnn"], "unit", tmp_path_factory.getbasetemp() / "fid-export-cnn-coreml",
-                   formats=("coreml",))["coreml"]
+                   formats=("coreml",), equalize=False)["coreml"]
     rep = layer_report(art, "coreml", src.calibration(), traced=src.traced)
     assert rep.format == "coreml" and rep.rows
     # Core ML int8 quantizes weights only (of layers with >= 2048 weights): rows are those layers

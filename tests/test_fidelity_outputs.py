@@ -1,4 +1,4 @@
-"""No speed figure without correct outputs (edgepipe.pipeline.fidelity.outputs): the check on
+"""No speed figure without correct outputs (edgepipe.pipeline.base.outputs): the check on
 synthetic outputs, and the wrong answers of LiteRT's GPU accelerator on an int8 model reproduced
 on the real runtime (lavapipe here), where today's bench row still says "ok"."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgepipe.devices.measure import host
-from edgepipe.pipeline.fidelity.outputs import STATUS_WRONG, check_outputs
+from edgepipe.pipeline.base.outputs import STATUS_WRONG, check_outputs
 from fidelity_fixtures import exported, fid_models, source  # noqa: F401 (fixtures)
 
 

@@ -29,9 +29,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from edgepipe.pipeline.base.bench import BenchReport, BenchRow
+from edgepipe.pipeline.base.bench import WRONG_OUTPUT, BenchReport, BenchRow
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.manifest import Artifact, Manifest, artifact_problem, load_manifest
+from edgepipe.pipeline.base.outputs import check_outputs
 
 from edgepipe.devices.measure import host
 from edgepipe.devices.measure.plan import Job, LocalHost, plan_row
@@ -40,15 +41,33 @@ from edgepipe.devices.runtimes.base import TARGETS
 from edgepipe.devices.runtimes.hostprobe import AGENT
 
 ProgressFn = Callable[[str, BenchRow, int, int], None]
+OUTPUT_SAMPLES = 32  # inputs (and outputs the agent saves) for the output check against the CPU row
 _STAGE_WORDS = {"load": " while loading/compiling the model", "loaded": " after loading the model",
                 "first inference": " in the first inference", "measure": " while measuring",
                 "inputs": " while preparing inputs"}
 
 
 # --------------------------------------------------------------------------------------------- inputs
+# in reference.npz: the inputs key -> (its raw pixels, the source model's outputs on them)
+_BESIDE = {"inputs": ("inputs_raw", "inputs_outputs"), "data": ("raw", "outputs")}
+
+
+def _beside(z, key: str, n: int) -> dict:
+    """The raw pixels (image-input sessions) and the source model's outputs (``source_outputs``: the
+    reference for the output check when no CPU row runs) that match the first ``n`` samples."""
+    raw, outs = _BESIDE.get(key, ("raw", None))
+    extra = {}
+    if raw in z.files and z[raw].shape[0] >= n:
+        extra["raw"] = z[raw][:n].astype(np.float32)
+    if outs in z.files and z[outs].shape[0] >= n:
+        extra["source_outputs"] = z[outs][:n].astype(np.float32)
+    return extra
+
+
 def manifest_inputs(manifest: Manifest, folder: Path, tmp: Path) -> tuple[Optional[Path], str]:
     """An .npz of real preprocessed samples from the manifest (reference/calibration), if it has one;
-    raw 0-255 pixels ride along (``raw``) for image-input sessions."""
+    raw 0-255 pixels ride along (``raw``) for image-input sessions, and the source model's outputs on
+    them (``source_outputs``) when the reference holds them."""
     cands = [folder / holder[k] for holder in (manifest.reference, manifest.calibration) if isinstance(holder, dict)
              for k in ("inputs_path", "path", "samples_path") if isinstance(holder.get(k), str)]
     want = [int(s) for s in manifest.model.input_shape[1:]] if manifest.model.input_shape else None
@@ -59,9 +78,8 @@ def manifest_inputs(manifest: Manifest, folder: Path, tmp: Path) -> tuple[Option
                     a = z[key] if key in z.files else None
                     fits = a is not None and a.dtype.kind == "f" and a.ndim >= 2
                     if fits and (want is None or list(a.shape[1:]) == want):
-                        extra = {"raw": z["raw"][:32].astype(np.float32)} if "raw" in z.files and \
-                            z["raw"].shape[0] >= min(32, a.shape[0]) else {}
-                        np.savez(tmp / "inputs.npz", inputs=a[:32].astype(np.float32), **extra)
+                        n = min(OUTPUT_SAMPLES, a.shape[0])
+                        np.savez(tmp / "inputs.npz", inputs=a[:n].astype(np.float32), **_beside(z, key, n))
                         return tmp / "inputs.npz", f"{c.name}:{key}"
         except Exception:  # noqa: BLE001 - an unreadable reference only means random inputs
             continue
@@ -270,12 +288,46 @@ def _measure(jobs: list[Job], s: BenchSettings, runner, threads: int, inputs: Op
     return outs
 
 
-def _agreements(report: BenchReport, outs: dict[tuple[str, str], Path]) -> None:
+def _npz(path: Path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _source_outputs(inputs: Optional[Path]) -> Optional[np.ndarray]:
+    if inputs is None or not inputs.is_file():
+        return None
+    with np.load(inputs) as z:
+        return z["source_outputs"] if "source_outputs" in z.files else None
+
+
+def _agreements(report: BenchReport, outs: dict[tuple[str, str], Path], source: Optional[np.ndarray],
+                trained: bool) -> None:
+    """Every measured row's outputs against the CPU row of the same artifact (or, with no CPU row, the source
+    model's on the same inputs, when the outputs have the source's shape): the ``agreement`` figures, and
+    the output check that turns a row whose answers are wrong into ``wrong-output`` (no speed figure
+    without correct outputs)."""
     for (aid, t), p in outs.items():
         ref, row = outs.get((aid, "cpu")), report.row(aid, t)
-        if t != "cpu" and ref is not None and row is not None:
-            with np.load(ref) as a, np.load(p) as b:
-                row.agreement = agreement({k: a[k] for k in a.files}, {k: b[k] for k in b.files})
+        if row is None:
+            continue
+        got = _npz(p)
+        if t != "cpu" and ref is not None:
+            cpu = _npz(ref)
+            row.agreement = agreement(cpu, got)
+            _judge_outputs(row, cpu, got, "cpu", trained)
+        elif ref is None and source is not None and len(got) == 1:
+            out = next(iter(got.values()))
+            if np.asarray(out).reshape(len(out), -1).shape == np.asarray(source).reshape(len(source), -1).shape:
+                _judge_outputs(row, source, out, "source model", trained)  # else: outputs it cannot map
+
+
+def _judge_outputs(row: BenchRow, reference, outputs, against: str, trained: bool) -> None:
+    check = check_outputs(reference, outputs, row.precision, against, trained=trained)
+    row.agreement = {**(row.agreement or {"against": against}), "check": check.to_dict()}
+    if not check.ok:
+        row.status = WRONG_OUTPUT
+        row.reason = (f"outputs disagree with {against} on {check.samples} inputs ({check.reason}): its figures "
+                      "are not a speed figure")
 
 
 def _notes(report: BenchReport, arts: list[Artifact]) -> None:
@@ -317,7 +369,7 @@ def run_bench(manifest_path: str | os.PathLike, targets: Optional[list[str] | st
             manifest_inputs(manifest, folder, Path(td))
         report.settings["inputs"] = source
         outs = _measure([j for _, j in plans if j is not None], s, runner, threads, inputs, Path(td), progress)
-        _agreements(report, outs)
+        _agreements(report, outs, _source_outputs(inputs) if not s.inputs else None, manifest.model.trained)
     _notes(report, arts)
     report.wall_s = time.perf_counter() - t_start
     return report

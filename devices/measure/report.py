@@ -20,12 +20,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-from edgepipe.pipeline.base.bench import BenchReport, BenchRow
+from edgepipe.pipeline.base.bench import WRONG_OUTPUT, BenchReport, BenchRow
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import write_text_atomic
 
 TARGET_COLORS = {"cpu": "#1f77b4", "gpu": "#d62728", "edgetpu": "#2ca02c", "reference": "#9467bd"}
-STATUS_ICON = {"ok": "ok", "failed": "FAILED", "skipped": "skipped", "unavailable": "unavailable"}
+STATUS_ICON = {"ok": "ok", WRONG_OUTPUT: "WRONG OUTPUT", "failed": "FAILED", "skipped": "skipped",
+               "unavailable": "unavailable"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +216,23 @@ def _device_lines(rep: BenchReport) -> list[str]:
     return out
 
 
+def wrong_output_lines(rep: BenchReport) -> list[str]:
+    """One line per wrong-output row, with its figures: what every report shows first."""
+    out = []
+    for r in rep.wrong_output_rows():
+        chk = (r.agreement or {}).get("check") or {}
+        top1 = chk.get("top1_agreement")
+        figs = ", ".join(x for x in (
+            f"top-1 agreement with {chk.get('against', 'cpu')} {100 * top1:.0f}%" if top1 is not None else "",
+            f"output correlation {chk['centered']:.3f}" if chk.get("centered") is not None else "",
+            f"max |Δ| {chk['max_abs']:.3g}" if chk.get("max_abs") is not None else "",
+            f"on {chk.get('samples')} inputs" if chk.get("samples") else "") if x)
+        p50 = r.stat("p50")
+        timed = f"; it ran at p50 {_ms(p50)} ms, which is no speed figure for wrong answers" if p50 else ""
+        out.append(f"{r.artifact} on {_where(r)} ({r.runtime}): WRONG OUTPUT: {figs}{timed}")
+    return out
+
+
 def _sorted_rows(rep: BenchReport) -> list[BenchRow]:
     order = {"cpu": 0, "gpu": 1, "edgetpu": 2}
     arts = []
@@ -225,8 +243,8 @@ def _sorted_rows(rep: BenchReport) -> list[BenchRow]:
     for r in rep.rows:
         if getattr(r, "device", "local") not in devs:
             devs.append(getattr(r, "device", "local"))
-    return sorted(rep.rows, key=lambda r: (devs.index(getattr(r, "device", "local")), arts.index(r.artifact),
-                                           order.get(r.target, 9)))
+    return sorted(rep.rows, key=lambda r: (r.status != WRONG_OUTPUT, devs.index(getattr(r, "device", "local")),
+                                           arts.index(r.artifact), order.get(r.target, 9)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +258,12 @@ def render_markdown(rep: BenchReport, comparison: Optional[Comparison] = None) -
     s = rep.settings or {}
     c = rep.counts()
     out = [f"## edgepipe bench: {rep.model.get('name', '?')}", ""]
-    out.append(f"{c.get('ok', 0)} measured, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped, "
-               f"{c.get('unavailable', 0)} unavailable · {rep.created or ''}")
+    wrong = wrong_output_lines(rep)
+    if wrong:
+        out += ["### ❌ Wrong outputs: these rows compute wrong answers, so they have no speed figure", ""]
+        out += [f"- **{_md_escape(w)}**" for w in wrong] + [""]
+    out.append(f"{c.get('ok', 0)} measured, {c.get(WRONG_OUTPUT, 0)} wrong output, {c.get('failed', 0)} failed, "
+               f"{c.get('skipped', 0)} skipped, {c.get('unavailable', 0)} unavailable · {rep.created or ''}")
     out.append("")
     out.append(f"- **Host:** {_md_escape(_host_line(rep))}")
     out += [f"- **Device:** {_md_escape(d)}" for d in _device_lines(rep)]
@@ -269,8 +291,9 @@ def render_markdown(rep: BenchReport, comparison: Optional[Comparison] = None) -
         else:
             out.append((f"| {_md_escape(r.device)} " if multi else "") +
                        f"| {_md_escape(r.artifact)} | {r.target} | {_md_escape(r.runtime)} | {STATUS_ICON[r.status]} "
-                       f"| - | - | - | - | - | - | - | - | {_mb(r.size_bytes)} | - | - |")
-    not_run = [r for r in _sorted_rows(rep) if not r.ok]
+                       f"| - | - | - | - | - | - | - | - | {_mb(r.size_bytes)} | - "
+                       f"| {_md_escape(_agreement_text(r)) if r.status == WRONG_OUTPUT else '-'} |")
+    not_run = [r for r in _sorted_rows(rep) if not r.ok and r.status != WRONG_OUTPUT]
     if not_run:
         out += ["", "### Rows that did not run", ""]
         for r in not_run:
@@ -488,9 +511,10 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px}
 .meta{color:#555;margin:2px 0} table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top} th{background:#f4f4f4}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.failed td{background:#fdecea} tr.skipped td,tr.unavailable td{color:#777}
+tr.failed td,tr.wrong-output td{background:#fdecea} tr.skipped td,tr.unavailable td{color:#777}
+.wrong{border:2px solid #b00020;background:#fdecea;padding:4px 12px;margin:12px 0}
 .badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:12px}
-.b-ok{background:#e6f4ea} .b-failed{background:#f8d7da} .b-skipped,.b-unavailable{background:#eee}
+.b-ok{background:#e6f4ea} .b-failed,.b-wrong-output{background:#f8d7da} .b-skipped,.b-unavailable{background:#eee}
 svg.plot{display:block;margin:8px 0 16px;background:#fff}
 svg .title{font-weight:600;font-size:13px} svg .label,svg .value{font-size:12px} svg .tick{font-size:11px;fill:#555}
 svg .grid{stroke:#e5e5e5;stroke-width:1}
@@ -500,10 +524,14 @@ svg .grid{stroke:#e5e5e5;stroke-width:1}
 
 def _html_head(rep: BenchReport) -> list[str]:
     s, c, e = rep.settings or {}, rep.counts(), _esc
+    wrong = wrong_output_lines(rep)
     h = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
          f"<title>edgepipe bench: {e(rep.model.get('name', '?'))}</title>", f"<style>{_CSS}</style></head><body>",
          f"<h1>edgepipe bench: {e(rep.model.get('name', '?'))}</h1>",
-         f'<p class="meta">{c.get("ok", 0)} measured, {c.get("failed", 0)} failed, {c.get("skipped", 0)} skipped, '
+         *([f'<div class="wrong"><h2>Wrong outputs: these rows compute wrong answers, so they have no speed '
+            f'figure</h2><ul>{"".join(f"<li>{e(w)}</li>" for w in wrong)}</ul></div>'] if wrong else []),
+         f'<p class="meta">{c.get("ok", 0)} measured, {c.get(WRONG_OUTPUT, 0)} wrong output, {c.get("failed", 0)} '
+         f'failed, {c.get("skipped", 0)} skipped, '
          f'{c.get("unavailable", 0)} unavailable · {e(rep.created or "")} · edgepipe {e(rep.edgepipe_version or "?")}</p>',
          f'<p class="meta"><b>Host:</b> {e(_host_line(rep))}</p>',
          *(f'<p class="meta"><b>Device:</b> {e(d)}</p>' for d in _device_lines(rep)),

@@ -617,7 +617,7 @@ class MeasureSpec:
     warmup: int = 5
     profile: bool = False  # also profile ops (a separate pass)
     inputs: Optional[str] = None  # .npz of preprocessed float samples (keys: input names, input_0..., inputs)
-    save_outputs: Optional[str] = None  # the dequantized outputs of up to 8 samples go to this .npz
+    save_outputs: Optional[str] = None  # the dequantized outputs of up to 32 samples go to this .npz
     predict_out: Optional[str] = None  # predict mode: every --inputs sample, outputs to this .npz
     delegate: Optional[str] = None  # the Edge TPU delegate library (default libedgetpu.so.1)
     api: Optional[str] = None  # TFLite on cpu: interpreter (default) or compiled_model
@@ -752,7 +752,7 @@ def run_agent(spec: MeasureSpec, opener: Optional[Callable[[], Session]] = None)
             info["placement"] = {"error": one_line(e)}
         if spec.save_outputs:
             stage("save outputs")
-            np.savez(spec.save_outputs, **collect_outputs(session, samples[:8]))
+            np.savez(spec.save_outputs, **collect_outputs(session, samples[:32]))
             info["saved_outputs"] = str(spec.save_outputs)
         info["memory"] = memory_now()
         info["loadavg"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

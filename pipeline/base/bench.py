@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.outputs import STATUS_WRONG
 from edgepipe.pipeline.base.recorded import Recorded
 from edgepipe.pipeline.base.util import write_json_atomic
 
 SCHEMA_VERSION = 1
 REPORT_KIND = "edgepipe-bench"
-#: ok: measured; failed: the runtime crashed, timed out or raised; skipped: this artifact cannot run on
-#: this target (fp32 on an Edge TPU, Core ML off macOS, a failed export, a dynamic batch on the GPU);
+#: ok: measured; wrong-output: measured, but its outputs disagree with the CPU run of the same artifact (or
+#: the source model) beyond its precision's bounds (pipeline/base/outputs.py), so its figures are no speed
+#: figure; failed: the runtime crashed, timed out or raised; skipped: this artifact cannot run on this
+#: target (fp32 on an Edge TPU, Core ML off macOS, a failed export, a dynamic batch on the GPU);
 #: unavailable: the target's runtime, driver or device is not there. Every row not ok has a reason.
-STATUSES = ("ok", "failed", "skipped", "unavailable")
+WRONG_OUTPUT = STATUS_WRONG
+STATUSES = ("ok", WRONG_OUTPUT, "failed", "skipped", "unavailable")
 
 
 @dataclass
@@ -147,3 +151,6 @@ class BenchReport:
 
     def failed_rows(self) -> list[BenchRow]:
         return [r for r in self.rows if r.status == "failed"]
+
+    def wrong_output_rows(self) -> list[BenchRow]:
+        return [r for r in self.rows if r.status == WRONG_OUTPUT]

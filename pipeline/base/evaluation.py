@@ -100,6 +100,11 @@ class EvalRow:
     correct: Optional[int] = None
     lost: Optional[int] = None
     gained: Optional[int] = None
+    # the counts `check` computes intervals from (added keys; rows written before lack them)
+    top5_lost: Optional[int] = None  # images in the source's top-5 and not in the artifact's, and the reverse
+    top5_gained: Optional[int] = None
+    per_class: Optional[list] = None  # [[class (label), images, lost, gained], ...] top-1 flips by label
+    per_class_agreement: Optional[list] = None  # [[class (source top-1), images, disagreements, 0], ...]
     non_finite: Optional[int] = None
     samples: Optional[int] = None
     load_s: Optional[float] = None
@@ -112,6 +117,22 @@ class EvalRow:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def flips(self, metric: str) -> Optional[tuple[int, int, int, list]]:
+        """(images, lost, gained, per-class counts) the row's drop in ``metric`` comes from; None for a row
+        written without them (by an older edgepipe, or a standalone file's). top-1/top-5: images right with
+        the source and wrong with the artifact (lost) and the reverse (gained); agreement: the images the
+        artifact disagrees on (lost; gained 0), per class of the source's top-1."""
+        n = self.samples
+        if not n:
+            return None
+        if metric == "top1" and self.lost is not None and self.gained is not None:
+            return n, self.lost, self.gained, self.per_class or []
+        if metric == "top5" and self.top5_lost is not None and self.top5_gained is not None:
+            return n, self.top5_lost, self.top5_gained, []
+        if metric == "agreement" and self.agreement is not None:
+            return n, int(round((100.0 - self.agreement) * n / 100.0)), 0, self.per_class_agreement or []
+        return None
 
     @property
     def where(self) -> Optional[str]:

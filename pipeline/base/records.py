@@ -62,10 +62,12 @@ class VerificationSet:
     def n(self) -> int:
         return int(self.data.shape[0])
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, extra: Optional[dict] = None) -> None:
+        """``extra``: more arrays stored beside (bench's inputs, say); ``load`` reads the three above."""
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, raw=self.raw.astype(np.float32), data=self.data, outputs=self.reference)
+                np.savez_compressed(fh, raw=self.raw.astype(np.float32), data=self.data, outputs=self.reference,
+                                    **(extra or {}))
 
     @classmethod
     def load(cls, path: Path, source: str) -> "VerificationSet":
@@ -159,14 +161,19 @@ class RecoveryAttempt:
     agreement: Optional[float] = None
     runtime: Optional[str] = None
     error: Optional[str] = None
+    # added keys: the drop's interval (a DropResult without per-class data), the float fallback's layers
+    interval: Optional[dict] = None
+    float_layers: Optional[list[str]] = None
+    latency_ms: Optional[float] = None  # CPU latency per image (float fallback attempts)
+    why: Optional[str] = None  # why these layers were kept float (the per-layer report's reasons)
 
     def to_dict(self) -> dict:
         d: dict = {"name": self.name, "precision": self.precision}
-        for k in ("method", "float_nodes"):
+        for k in ("method", "float_nodes", "float_layers"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         d["size_bytes"] = self.size_bytes
-        for k in ("convert_s", "drop", "top1", "agreement", "runtime", "error"):
+        for k in ("convert_s", "latency_ms", "drop", "interval", "top1", "agreement", "runtime", "why", "error"):
             if getattr(self, k) is not None or k == "drop":
                 d[k] = getattr(self, k)
         d["meets"] = self.meets
@@ -184,6 +191,8 @@ class ArtifactRecovery:
     attempts: list[RecoveryAttempt] = field(default_factory=list)
     chosen: Optional[str] = None
     note: Optional[str] = None
+    cost: Optional[dict] = None  # the chosen float fallback's size and CPU latency against the artifact's
+    layers: Optional[str] = None  # the per-layer report the float fallback chose from (layers.json)
 
     @property
     def meets(self) -> bool:
@@ -199,6 +208,9 @@ class ArtifactRecovery:
         if self.note:
             d["note"] = self.note
         d.update(chosen=self.chosen, meets=self.meets, best_drop=self.best_drop)
+        for k in ("cost", "layers"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         return d
 
 

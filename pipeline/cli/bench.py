@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from edgepipe.devices.measure.bench import BenchReport
-from edgepipe.devices.measure.report import _agreement_text, _ms, _placement_text, compare, render_html, render_markdown
+from edgepipe.devices.measure.report import (_agreement_text, _ms, _placement_text, compare, render_html,
+                                             render_markdown, wrong_output_lines)
 from edgepipe.pipeline import api
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.util import write_text_atomic
@@ -102,6 +103,8 @@ def _where(r) -> str:
 
 def _print_summary(report: BenchReport, cmp, paths: dict) -> None:
     con = console(stderr=False)
+    for line in wrong_output_lines(report):  # first: no speed figure without correct outputs
+        con.print(f"[bold red]{line}[/]", soft_wrap=True)
     t = table("Artifact", "Target", "Runtime", "Status", "p50 ms", "p90 ms", "Runs", "Peak RSS MB", "Placement",
               title=f"edgepipe bench: {report.model.get('name')}")
     for r in report.rows:
@@ -110,7 +113,7 @@ def _print_summary(report: BenchReport, cmp, paths: dict) -> None:
                       str(r.latency_ms.get("n")), f"{(r.memory.get('peak_rss_kb') or 0) / 1024:.0f}",
                       _placement_text(r) + (f"; {_agreement_text(r)}" if r.agreement else ""))
         else:
-            color = "red" if r.status == "failed" else "yellow"
+            color = "yellow" if r.status in ("skipped", "unavailable") else "red"
             t.add_row(r.artifact, _where(r), r.runtime, f"[{color}]{r.status}[/]", "-", "-", "-", "-", "-")
     con.print(t)
     for r in report.rows:

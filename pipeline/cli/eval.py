@@ -134,6 +134,11 @@ def check_cmd(
     metric: str = typer.Option("top1", "--metric", help="top1 | top5 | agreement (comma list for several)."),
     max_drop_for: Optional[List[str]] = typer.Option(None, "--max-drop-for", help="Override per precision, format or "
                                                                                   "artifact id: int8=1.5 (repeatable)."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Level of each drop's interval (paired predictions)."),
+    max_class_drop: Optional[float] = typer.Option(None, "--max-class-drop", help="Fail when one class's drop lies "
+                                                                                  "wholly over this many points."),
+    allow_inconclusive: bool = typer.Option(False, "--allow-inconclusive", help="Pass, with a warning, drops within "
+                                            "the budget that the set is too small to confirm (default: they fail)."),
     require_verified: bool = typer.Option(False, "--require-verified", help="Fail artifacts whose verification did "
                                                                             "not pass."),
     require_full_edgetpu: bool = typer.Option(False, "--require-full-edgetpu", help="Fail Edge TPU artifacts with ops "
@@ -160,7 +165,8 @@ def check_cmd(
     res = api.check(model_dir, max_drop, metric=metric, max_drop_for=max_drop_for, require_verified=require_verified,
                     require_full_edgetpu=require_full_edgetpu, allow_chance_source=allow_chance_source,
                     junit=junit, markdown=markdown, baseline=baseline, max_slowdown=max_slowdown, force=force,
-                    ledger=ledger, record=not no_ledger)
+                    ledger=ledger, record=not no_ledger, confidence=confidence, max_class_drop=max_class_drop,
+                    allow_inconclusive=allow_inconclusive)
     if json_out:
         emit_json({**res.to_dict(), "reports": res.reports, "ledger": res.ledger.to_dict() if res.ledger else None})
     else:
@@ -175,15 +181,21 @@ def check_cmd(
 
 
 def _print_check(res: CheckResult, c: Console) -> None:
-    t = table("artifact", "target", "check", "source", "artifact", "drop", "budget", "result", title=res.summary_line())
-    style = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "skipped": "[yellow]skipped[/]"}
+    pct = f"{100 * res.config.confidence:g}% interval"
+    t = table("artifact", "target", "check", "source", "artifact", "drop", pct, "budget", "result",
+              title=res.summary_line())
+    style = {"pass": "[green]pass[/]", "fail": "[red]FAIL[/]", "skipped": "[yellow]skipped[/]",
+             "inconclusive": "[yellow]inconclusive[/]" + (" (allowed)" if res.config.allow_inconclusive else "")}
     for r in res.rows:
+        budget = "-" if r.budget is None else points_text(r.budget)
         t.add_row(r.artifact, r.target or "-", METRIC_LABELS.get(r.check, r.check), _f(r.source_value),
-                  _f(r.artifact_value), _f(r.drop), "-" if r.budget is None else points_text(r.budget), style[r.status])
+                  _f(r.artifact_value), _f(r.drop), r.interval_text(), budget, style[r.status])
     c.print(t)
     for r in res.rows:
         if r.reason and r.status != "pass":
             c.print(f"[{'red' if r.status == 'fail' else 'yellow'}]{r.name}[/]: {r.reason}", soft_wrap=True)
+    for n in res.notes:
+        c.print(f"note: {n}", soft_wrap=True)
 
 
 def _print_latency(lat, c: Console) -> None:

@@ -100,8 +100,10 @@ def export_cmd(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse identical earlier exports."),
     parallel: bool = typer.Option(True, "--parallel/--serial", help="Convert TFLite in a worker process while the other formats convert."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --int8: top-1 points an int8 artifact may lose on --eval-data; over it, recoveries are tried (see docs/ci.md)."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="With --int8: top-1 points an int8 artifact may lose on --eval-data (without labels: points of disagreement with the source model on calibration images held out of the calibration); over it, recoveries are tried (see docs/ci.md)."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled set for --max-drop: a folder with one subfolder per class, or 'digits' (default with --calib digits)."),
+    equalize: bool = typer.Option(True, "--equalize/--no-equalize", help="Cross-layer equalization of the Keras weights (BatchNormalization folded) before converting, when int8 artifacts are exported; the model's function is unchanged."),
+    bias_correction: bool = typer.Option(False, "--bias-correction", help="Correct each layer's bias for the mean shift int8 weight rounding causes (changes the float model slightly)."),
 ) -> None:
     """Convert a model to verified TFLite, ONNX and Core ML artifacts."""
     options = {"int8_io": int8_io, "onnx_int8": onnx_int8, "calib_method": calib_method, "onnx_opset": onnx_opset,
@@ -112,7 +114,7 @@ def export_cmd(
         classes=classes, preprocess=preprocess, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=scale,
         labels=labels, trust_model=trust_model, seed=seed, verify=verify, verify_samples=verify_samples, cache=cache,
         parallel=parallel, targets=targets, max_drop=max_drop, eval_data=eval_data,
-        require_full_edgetpu=require_full_edgetpu))
+        require_full_edgetpu=require_full_edgetpu, equalize=equalize, bias_correction=bias_correction))
 
 
 def _run(ctx: typer.Context, json_out: bool, kw: dict) -> None:
@@ -203,5 +205,23 @@ def print_outcome(outcome: ExportOutcome, c: Console) -> None:
             c.print(f"[red]{escape(a.id)}[/]: {escape(a.error)}", soft_wrap=True)
         elif a.verification.status == "not_verified":
             c.print(f"[yellow]{escape(a.id)}[/]: {escape(a.verification.reason or '')}", soft_wrap=True)
+    for line in _ptq_lines(m.model.options or {}):
+        c.print(line, soft_wrap=True)
     if outcome.cache_hit:
         c.print(f"reused cached export ({m.extra.get('cache', {}).get('seconds')} s)")
+
+
+def _ptq_lines(options: dict) -> list[str]:
+    """What cross-layer equalization and bias correction did before the conversion (manifest model.options)."""
+    ptq = options.get("ptq") or {}
+    eq, bias = ptq.get("equalize"), ptq.get("bias_correction")
+    lines = []
+    if eq:
+        lines.append(f"cross-layer equalization: {len(eq.get('pairs', []))} layer pairs, "
+                     f"{len(eq.get('folded', []))} BatchNormalizations folded" if eq.get("applied")
+                     else f"[yellow]cross-layer equalization skipped[/]: {escape(eq.get('skipped', ''))}")
+    if bias:
+        lines.append(f"bias correction: {len(bias.get('layers', []))} layers (int8 grid of {bias.get('levels')})"
+                     if bias.get("applied")
+                     else f"[yellow]bias correction skipped[/]: {escape(bias.get('skipped', ''))}")
+    return lines

@@ -1,15 +1,22 @@
 """`edgepipe inspect ARTIFACT`: op table, quantization and I/O of a .tflite or .onnx file.
 
 For .tflite the table carries the Edge TPU placement *prediction* (or, for an Edge TPU compiled
-file, the placement the compiler chose). Never imports TensorFlow.
+file, the placement the compiler chose). Never imports TensorFlow. ``--layers`` prints the per-layer
+int8 error report (pipeline/inspect_layers.py), which loads the source model when it can.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Optional
+
 import typer
 from edgepipe.pipeline import api
-from edgepipe.pipeline.cli.common import console, emit_json, table
+from edgepipe.pipeline.base.errors import UserError
+from edgepipe.pipeline.base.util import quiet_tensorflow
+from edgepipe.pipeline.cli.common import console, debug_enabled, emit_json, table
+from edgepipe.pipeline.fidelity.render import text_table
+from edgepipe.pipeline.logs import terminal
 
 
 def _shape(t: dict) -> str:
@@ -95,16 +102,51 @@ def _render_onnx(out, info: dict) -> None:
         out.print(f"quantization ops: {q}", soft_wrap=True)
 
 
+def render_layers(found: list) -> None:
+    """The per-layer reports: summary, table, worst layers with reasons, where the files went."""
+    out = console(stderr=False)
+    for item in found:
+        out.print(f"[bold]{item.artifact}[/bold]", soft_wrap=True)
+        out.print(text_table(item.report), soft_wrap=True, markup=False, highlight=False)
+        for n in item.notes:
+            out.print(f"note: {n}", soft_wrap=True, markup=False)
+        out.print(f"wrote {item.folder / 'layers.json'} and {item.folder / 'layers.html'}", soft_wrap=True)
+        out.print("")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("inspect", no_args_is_help=True)
     def inspect_cmd(
-        artifact: Path = typer.Argument(..., metavar="FILE", help="A .tflite or .onnx file."),
+        artifact: Path = typer.Argument(..., metavar="FILE", help="A .tflite or .onnx file; with --layers, an int8 "
+                                                                  "artifact of an export or the export folder."),
         ops: bool = typer.Option(False, "--ops", help="One row per operator instead of per op type (TFLite)."),
+        layers: bool = typer.Option(False, "--layers", help="Per-layer int8 error against the float model (TFLite, "
+                                    "ONNX, Core ML): table, layers.json and an HTML plot; the worst layers and why."),
+        artifact_id: Optional[str] = typer.Option(None, "--artifact", help="With --layers and a folder: only this "
+                                                                           "artifact id (default: every int8 one)."),
+        samples: int = typer.Option(32, "--samples", help="With --layers: calibration images the errors are "
+                                                          "measured on."),
+        isolated_cap: int = typer.Option(32, "--isolated-cap", help="With --layers: layers that get the isolated "
+                                         "pass (only that layer quantized); 0 turns it off."),
+        isolated_images: int = typer.Option(16, "--isolated-images", help="With --layers: images of the isolated "
+                                            "pass."),
         json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     ):
-        """Show an artifact's ops, quantization and I/O; for TFLite, predicted Edge TPU placement."""
-        info = api.inspect(artifact)
+        """Show an artifact's ops, quantization and I/O; for TFLite, predicted Edge TPU placement. With
+        --layers: where int8 departs from the float model, layer by layer, and why."""
+        if not layers:
+            if artifact_id is not None:
+                raise UserError("--artifact applies to --layers", "Add --layers, or inspect the artifact's file")
+            info = api.inspect(artifact)
+            emit_json(info) if json_out else render(info, show_ops=ops)
+            return
+        if not debug_enabled():
+            quiet_tensorflow()
+        with terminal() as term, console(file=term).status("per-layer report") as status:
+            found = api.inspect_layers(artifact, artifact=artifact_id, samples=samples, isolated_cap=isolated_cap,
+                                       isolated_images=isolated_images, log=not debug_enabled(),
+                                       progress=None if json_out else status.update)
         if json_out:
-            emit_json(info)
+            emit_json([f.to_dict() for f in found] if len(found) > 1 else found[0].to_dict())
         else:
-            render(info, show_ops=ops)
+            render_layers(found)

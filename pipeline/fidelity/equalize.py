@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from edgepipe.pipeline.base import lazy
 from edgepipe.pipeline.fidelity.keras_graph import (Graph, Node, fold_batchnorm, layer_kernels, scale_inputs,
                                                     scale_outputs, set_kernels)
 
@@ -141,8 +142,7 @@ def _equalize_pair(model, l1: str, l2: str, kind: str, lo: Optional[np.ndarray])
 
 def _relu6_bounds(model, pairs, data: Optional[np.ndarray], margin: float) -> dict[str, np.ndarray]:
     """Per ReLU6 pair: the smallest allowed s per channel (inf: the channel clips, keep s = 1)."""
-    import keras
-
+    keras = lazy.keras()
     names = [l1 for l1, _, kind, _ in pairs if kind == "relu6"]
     if not names or data is None:
         return {}
@@ -212,8 +212,7 @@ def _channel_mean_shift(cls: str, k: dict, mean_in: np.ndarray, levels: int) -> 
 
 def correct_bias(model, data: np.ndarray, *, levels: int = 127) -> tuple[Any, dict]:
     """Fold BN, then subtract each layer's expected int8 weight-rounding shift from its bias."""
-    import keras
-
+    keras = lazy.keras()
     folded, info = fold_batchnorm(model)
     layers = [l for l in folded.layers if type(l).__name__ in WEIGHTED]
     layers = [l for l in layers if _has_bias(l)]

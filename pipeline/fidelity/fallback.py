@@ -13,9 +13,11 @@ TFLite re-quantizes through its QuantizationDebugger (``denylisted_nodes``), ONN
 A candidate meets the budget when its verdict is ``pass`` (the interval's upper bound is under
 the budget), or ``inconclusive`` with the point estimate under it (the set is too small to show
 more; the verdict is recorded). The first candidate that meets it, i.e. the one with the fewest
-float layers, is chosen. Every attempt records the layers kept in float, the nodes that run in
-float, its size and CPU latency against the original's, its drop with the interval, and why
-those layers were chosen (the report's reasons).
+float layers, is chosen. At most MAX_FLOAT_SHARE of the report's ranked layers are kept in float:
+beyond that the artifact is no longer an int8 model, and the recovery stops and says so. Every
+attempt records the layers kept in float, the nodes that run in float, its size and CPU latency
+against the original's, its drop with the interval, and why those layers were chosen (the
+report's reasons).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from edgepipe.pipeline.fidelity.runs import latency_ms
 from edgepipe.pipeline.fidelity.stats import DropResult
 
 STEPS = (1, 2, 4, 8, 16)
+# at most this share of the ranked layers kept in float: beyond it the artifact is no longer an int8 model
+MAX_FLOAT_SHARE = 0.5
 
 
 @dataclass
@@ -62,6 +66,8 @@ class Recovery:
     attempts: list[Attempt] = field(default_factory=list)
     chosen: Optional[Attempt] = None
     cost: dict = field(default_factory=dict)  # size/latency of the chosen one against the baseline
+    options: dict = field(default_factory=dict)  # how the candidates were written (the probe's)
+    note: Optional[str] = None  # why it stopped short of the steps
 
     @property
     def meets(self) -> bool:
@@ -70,7 +76,7 @@ class Recovery:
     def to_dict(self) -> dict:
         return {"format": self.format, "budget": self.budget, "metric": self.metric, "meets": self.meets,
                 "baseline": self.baseline.to_dict(), "attempts": [a.to_dict() for a in self.attempts],
-                "chosen": self.chosen.name if self.chosen else None, "cost": self.cost}
+                "chosen": self.chosen.name if self.chosen else None, "cost": self.cost, "note": self.note}
 
 
 def meets(res: DropResult) -> bool:
@@ -93,15 +99,20 @@ def float_fallback(probe: LayerProbe, report: LayerReport, measure: Callable[[Pa
     workdir.mkdir(parents=True, exist_ok=True)
     fmt = probe.format
     base = _judge(Attempt("as exported", path=str(probe.artifact)), Path(probe.artifact), fmt, measure, images)
-    rec = Recovery(fmt, budget, (base.drop or {}).get("metric", "top1"), base)
+    rec = Recovery(fmt, budget, (base.drop or {}).get("metric", "top1"), base, options=probe.fallback_options())
     if base.meets:
         return rec
     worst = [r for r in report.worst if r.op != "INPUT"]
+    cap = max(1, int(len(worst) * MAX_FLOAT_SHARE))
     tried: set[int] = set()
     for k in steps:
         k = min(k, len(worst))
         if k == 0 or k in tried:
             continue
+        if k > cap:
+            rec.note = (f"stopped before {k} layers: more than {cap} of the {len(worst)} quantized layers in float "
+                        "would no longer be an int8 model")
+            break
         tried.add(k)
         rows = worst[:k]
         att = Attempt(f"{k} worst layer(s) in float", [r.layer for r in rows], [r.tensor for r in rows],

@@ -48,6 +48,18 @@ def split_holdout(calibration: Calibration, fraction: float = DEFAULT_FRACTION,
     return _part(calibration, keep, "calibration"), _part(calibration, held, "holdout")
 
 
+def split_for_budget(calibration: Calibration, calib_samples: int, seed: int = 0) -> tuple[Calibration, Calibration]:
+    """(images to calibrate on, held-out images) from one read of ``calib_samples`` + more images: the images
+    beyond ``calib_samples`` (a seeded choice) are held out; a read too short for that is split by
+    DEFAULT_FRACTION (UserError when even that leaves too few)."""
+    extra = calibration.n - calib_samples
+    if extra < MIN_HOLDOUT:
+        return split_holdout(calibration, DEFAULT_FRACTION, seed)
+    order = np.random.default_rng(seed).permutation(calibration.n)
+    held, keep = np.sort(order[:extra]), np.sort(order[extra:])
+    return _part(calibration, keep, "calibration"), _part(calibration, held, "holdout")
+
+
 def artifact_drop(path: Path, fmt: str, images: Calibration, source_outputs: np.ndarray, *,
                   labels: Optional[np.ndarray] = None, budget: Optional[float] = None,
                   class_budget: Optional[float] = None, confidence: float = 0.95) -> DropResult:

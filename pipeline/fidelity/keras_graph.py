@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from edgepipe.pipeline.base import lazy
+
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
 
 
@@ -140,14 +142,20 @@ def _foldable(g: Graph, bn: Node) -> Optional[Node]:
     return p
 
 
+def copy_model(model) -> Any:
+    """A new model with the same config and weights (rewrites never touch the model they are given)."""
+    new = type(model).from_config(copy.deepcopy(model.get_config()))
+    new.set_weights(model.get_weights())
+    return new
+
+
 def fold_batchnorm(model) -> tuple[Any, dict]:
     """A new model with BatchNormalization folded into the layer before it (see module docstring)."""
-    import keras
-
+    keras = lazy.keras()
     g = Graph(model)
     folds = {bn.name: p.name for bn in g.nodes.values() if (p := _foldable(g, bn)) is not None}
     if not folds:
-        return model, {"folded": []}
+        return copy_model(model), {"folded": []}
     cfg = copy.deepcopy(g.config)
     _rewire(cfg, folds)
     new = keras.Model.from_config(cfg)

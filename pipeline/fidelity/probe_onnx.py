@@ -23,10 +23,12 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from edgepipe.pipeline.base.records import Calibration
+from edgepipe.pipeline.base import lazy
+from edgepipe.export import FormatOptions
+from edgepipe.pipeline.base.records import Calibration, Traced
 from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe, ImageRunner
 from edgepipe.pipeline.fidelity.names import display, layers_in
-from edgepipe.pipeline.fidelity.sources import OnnxQuant
+from edgepipe.pipeline.fidelity.sources import onnx_quantize_kwargs
 
 Q_SUFFIX = "_QuantizeLinear_Output"
 REMOVABLE = ("Relu", "Clip")
@@ -70,13 +72,15 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 class OnnxProbe(LayerProbe):
     format = "onnx"
+    supports_fallback = True
 
     def __init__(self, artifact: Path, fp32: Path, *, calibration: Optional[Calibration] = None,
-                 quant: Optional[OnnxQuant] = None, known_layers: Optional[Iterable[str]] = None,
+                 quant_kwargs: Optional[dict] = None, known_layers: Optional[Iterable[str]] = None,
                  reference_name: str = "the float ONNX model"):
         self.artifact, self.fp32 = Path(artifact), Path(fp32)
         self.qmodel, self.fmodel = onnx.load(str(self.artifact)), onnx.load(str(self.fp32))
-        self.calibration, self.quant = calibration, quant or OnnxQuant()
+        self.calibration = calibration
+        self.quant_kwargs = quant_kwargs  # quantize_static arguments (export/onnx.py); default options if None
         self.known = set(known_layers) if known_layers is not None else None
         self.reference = reference_name
         self.input_name = self.qmodel.graph.input[0].name
@@ -86,6 +90,13 @@ class OnnxProbe(LayerProbe):
         exposed = {i.tensor + Q_SUFFIX: self._elem(i.tensor) for i in self._infos}
         self._qsess = _session(_with_outputs(self.qmodel, exposed))
         self._fsess = _session(_with_outputs(self.fmodel, {i.tensor: onnx.TensorProto.FLOAT for i in self._infos}))
+
+    @classmethod
+    def open(cls, artifact: Path, reference: Path, *, traced: Optional[Traced] = None,
+             calibration: Optional[Calibration] = None, options: Optional[FormatOptions] = None,
+             known_layers: Optional[set[str]] = None) -> "OnnxProbe":
+        return cls(artifact, reference, calibration=calibration, quant_kwargs=onnx_quantize_kwargs(options),
+                   known_layers=known_layers)
 
     # -- structure -------------------------------------------------------------------------
     def _scan(self) -> list[LayerInfo]:
@@ -200,15 +211,14 @@ class OnnxProbe(LayerProbe):
         return Path(self._tmp.name)
 
     def _quantize(self, dest: Path, **kw) -> Path:
-        from onnxruntime.quantization import quantize_static
-
         cache = self._dir() / "calibration.json"
         reader = None if cache.exists() else _Reader(self.input_name, self.calibration.data)
         quiet = _NoPreprocessAdvice()
         logging.getLogger().addFilter(quiet)
         try:
-            quantize_static(str(self.fp32), str(dest), reader, calibration_cache_path=str(cache),
-                            **self.quant.kwargs(), **kw)
+            kwargs = self.quant_kwargs if self.quant_kwargs is not None else onnx_quantize_kwargs(None)
+            lazy.ort_quantization().quantize_static(str(self.fp32), str(dest), reader,
+                                                    calibration_cache_path=str(cache), **kwargs, **kw)
         finally:
             logging.getLogger().removeFilter(quiet)
         return dest
@@ -242,6 +252,10 @@ class OnnxProbe(LayerProbe):
             keep += self.group(x)
             keep += [n.name for n in self.fmodel.graph.node if x in n.input]
         return list(dict.fromkeys(keep))
+
+    def fallback_options(self) -> dict:
+        return {"quantizer": "onnxruntime.quantization.quantize_static (nodes_to_exclude)", "format": "QDQ",
+                "per_channel": True}
 
     def fallback(self, float_layers: list[str], dest: Path) -> Path:
         """Write the artifact re-quantized with ``float_layers`` (tensor names) kept float."""

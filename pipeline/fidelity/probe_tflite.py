@@ -12,30 +12,32 @@ calibrated model with every other layer denylisted (kept float): ~10 ms per vari
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
 from edgepipe.devices.graph.tflite_graph import TFLiteGraph, read_tflite, read_tflite_bytes
-from edgepipe.devices.runtimes.litert import import_interpreter
+from edgepipe.devices.onboard.agent import import_tflite
+from edgepipe.export import FormatOptions
+from edgepipe.export.tflite import Requantize
+from edgepipe.pipeline.base.records import Calibration, Traced
 from edgepipe.pipeline.fidelity.layers import LayerInfo, LayerProbe, ImageRunner
 from edgepipe.pipeline.fidelity.names import display, layers_in
+from edgepipe.pipeline.fidelity.sources import tflite_requantizer
 
 WEIGHTED = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 1, "FULLY_CONNECTED": 1, "TRANSPOSE_CONV": 1}
-Requantize = Callable[[list, bool], bytes]
 
 
 def _interpreter(model: Path | bytes):
-    Interpreter, module = import_interpreter()
-    kw = {"experimental_preserve_all_tensors": True}
-    if module == "ai_edge_litert":
-        from ai_edge_litert.interpreter import OpResolverType
-
-        kw["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    _, module = import_tflite()
+    kw: dict = {"experimental_preserve_all_tensors": True}
+    resolver = getattr(module, "OpResolverType", None)
+    if resolver is not None:  # without the default XNNPACK delegate, which hides intermediates
+        kw["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     if isinstance(model, (bytes, bytearray)):
-        it = Interpreter(model_content=bytes(model), **kw)
+        it = module.Interpreter(model_content=bytes(model), **kw)
     else:
-        it = Interpreter(model_path=str(model), **kw)
+        it = module.Interpreter(model_path=str(model), **kw)
     it.allocate_tensors()
     return it
 
@@ -148,6 +150,7 @@ def _facts(g: TFLiteGraph, op, out) -> dict:
 
 class TFLiteProbe(LayerProbe):
     format = "tflite"
+    supports_fallback = True
 
     def __init__(self, artifact: Path, reference: Path | bytes, *, requantize: Optional[Requantize] = None,
                  known_layers: Optional[Iterable[str]] = None, reference_name: str = "a float TFLite conversion"):
@@ -160,6 +163,13 @@ class TFLiteProbe(LayerProbe):
         self.reference = reference_name
         self.io_dtype = np.dtype(self.art._in["dtype"]).name
         self._infos: Optional[list[LayerInfo]] = None
+
+    @classmethod
+    def open(cls, artifact: Path, reference: Path, *, traced: Optional[Traced] = None,
+             calibration: Optional[Calibration] = None, options: Optional[FormatOptions] = None,
+             known_layers: Optional[set[str]] = None) -> "TFLiteProbe":
+        req = tflite_requantizer(traced, calibration) if traced is not None and calibration is not None else None
+        return cls(artifact, reference, requantize=req, known_layers=known_layers)
 
     def layers(self) -> list[LayerInfo]:
         if self._infos is not None:
@@ -220,6 +230,10 @@ class TFLiteProbe(LayerProbe):
             if any(t is not None and t.name in tensors for t in g.op_inputs(op)):
                 keep += [t.name for t in g.op_outputs(op) if t is not None and t.name not in keep]
         return keep
+
+    def fallback_options(self) -> dict:
+        return {"converter": "tf.lite.experimental.QuantizationDebugger (denylisted_nodes)", "io": self.io_dtype,
+                "per_channel": True}
 
     def fallback(self, float_layers: list[str], dest: Path) -> Path:
         """Write the artifact re-quantized with ``float_layers`` (tensor names) kept float, same I/O."""

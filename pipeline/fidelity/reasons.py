@@ -14,10 +14,9 @@ Facts used (all optional):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:  # pragma: no cover
-    from edgepipe.pipeline.fidelity.layers import LayerRow
+from edgepipe.pipeline.fidelity.layer_rows import LayerRow
 
 SPREAD = 8.0  # per-channel activation spread that one int8 scale serves badly
 WEIGHT_SPREAD = 4.0
@@ -96,7 +95,7 @@ def _weights_only(f: dict) -> Finding:
 RULES = (_concat, _per_tensor_weights, _channel_spread, _outliers, _saturation, _weights_only)
 
 
-def explain(row: "LayerRow") -> str:
+def explain(row: LayerRow) -> str:
     f = row.facts or {}
     found = [x for x in (rule(f) for rule in RULES) if x]
     found.sort(key=lambda x: -x[0])

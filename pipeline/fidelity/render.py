@@ -5,12 +5,10 @@ SVG, no script, no network): SQNR per layer in graph order, accumulated as a lin
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from edgepipe.pipeline.fidelity.layer_rows import LayerReport, LayerRow
 from edgepipe.pipeline.fidelity.tensors import SQNR_CAP_DB
-
-if TYPE_CHECKING:  # pragma: no cover
-    from edgepipe.pipeline.fidelity.layers import LayerReport, LayerRow
 
 WORST_SHOWN = 5
 
@@ -23,7 +21,7 @@ def _fig(f, attr: str = "sqnr_db") -> Optional[float]:
     return None if f is None else getattr(f, attr)
 
 
-def summary_lines(rep: "LayerReport") -> list[str]:
+def summary_lines(rep: LayerReport) -> list[str]:
     agree = "" if rep.output_agreement is None else f", top-1 agreement {rep.output_agreement:.1f}%"
     lines = [f"{rep.artifact} ({rep.format}) against {rep.reference} on {rep.images} {rep.data} image(s): "
              f"output SQNR {rep.output.sqnr_db:.1f} dB, cosine {rep.output.cosine:.4f}{agree}"]
@@ -36,7 +34,7 @@ def summary_lines(rep: "LayerReport") -> list[str]:
     return lines
 
 
-def worst_lines(rep: "LayerReport", k: int = WORST_SHOWN) -> list[str]:
+def worst_lines(rep: LayerReport, k: int = WORST_SHOWN) -> list[str]:
     out = []
     for r in rep.worst[:k]:
         what = (f"alone it costs the output {_db(r.own_db)} dB SQNR" if r.own_db is not None
@@ -45,7 +43,7 @@ def worst_lines(rep: "LayerReport", k: int = WORST_SHOWN) -> list[str]:
     return out
 
 
-def text_table(rep: "LayerReport") -> str:
+def text_table(rep: LayerReport) -> str:
     head = ["#", "layer", "op", "acc dB", "acc ch dB", "delta dB", "iso dB", "iso out dB", "own dB", "cosine",
             "rank"]
     rows = [[str(r.index), r.layer[:40], r.op, _db(r.accumulated.sqnr_db), _db(r.accumulated.channel_sqnr_db),
@@ -57,7 +55,7 @@ def text_table(rep: "LayerReport") -> str:
     return "\n".join(summary_lines(rep) + ["", *body, "", "worst layers:", *worst_lines(rep)])
 
 
-def markdown(rep: "LayerReport") -> str:
+def markdown(rep: LayerReport) -> str:
     lines = [f"### Per-layer error: {rep.artifact}", "", *summary_lines(rep), "",
              "| rank | layer | op | accumulated SQNR dB | own output SQNR dB | reason |",
              "|---:|---|---|---:|---:|---|"]
@@ -67,12 +65,12 @@ def markdown(rep: "LayerReport") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _own(r: "LayerRow") -> Optional[float]:
+def _own(r: LayerRow) -> Optional[float]:
     """own_db when the layer adds error of its own (the cap means: all of it came in with its inputs)."""
     return r.own_db if r.own_db is not None and r.own_db < SQNR_CAP_DB else None
 
 
-def svg_plot(rep: "LayerReport", width: int = 900, height: int = 320) -> str:
+def svg_plot(rep: LayerReport, width: int = 900, height: int = 320) -> str:
     rows = rep.rows
     left, right, top, bottom = 50, 20, 20, 50
     parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -117,7 +115,7 @@ def svg_plot(rep: "LayerReport", width: int = 900, height: int = 320) -> str:
     return "".join(parts)
 
 
-def render_html(rep: "LayerReport") -> str:
+def render_html(rep: LayerReport) -> str:
     e = html.escape
     rows = "".join(
         f"<tr><td>{r.index}</td><td>{e(r.layer)}</td><td>{e(r.op)}</td><td>{_db(r.accumulated.sqnr_db)}</td>"

@@ -16,60 +16,64 @@ from __future__ import annotations
 import importlib
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from edgepipe.devices.graph.tflite_graph import read_tflite
-from edgepipe.export.base import ExportOptions
+from edgepipe.export import FormatOptions
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.base.records import Calibration, Traced
 from edgepipe.pipeline.fidelity import sources
 from edgepipe.pipeline.fidelity.fallback import STEPS, Recovery, float_fallback
 from edgepipe.pipeline.fidelity.layers import (DEFAULT_ISOLATED_CAP, DEFAULT_ISOLATED_IMAGES, DEFAULT_SAMPLES,
                                                LayerProbe, LayerReport, build_report)
+from edgepipe.pipeline.fidelity.sources import FormatLike
 from edgepipe.pipeline.fidelity.stats import DropResult
 
-# format -> (module, class); the Edge TPU artifact before compilation is a full-int8 TFLite model
-PROBES = {"tflite": ("probe_tflite", "TFLiteProbe"), "edgetpu": ("probe_tflite", "TFLiteProbe"),
-          "onnx": ("probe_onnx", "OnnxProbe"), "coreml": ("probe_coreml", "CoreMLProbe")}
+# float format -> (module, class); an Edge TPU artifact's float format is TFLite (export/edgetpu.py)
+PROBES = {"tflite": ("probe_tflite", "TFLiteProbe"), "onnx": ("probe_onnx", "OnnxProbe"),
+          "coreml": ("probe_coreml", "CoreMLProbe")}
 
 
-def probe_class(fmt: str) -> type[LayerProbe]:
-    if fmt not in PROBES:
-        raise UserError(f"no per-layer report for {fmt} artifacts", f"Use one of: {', '.join(PROBES)}")
-    mod, cls = PROBES[fmt]
+def probe_class(fmt: FormatLike) -> type[LayerProbe]:
+    try:
+        name = sources.format_of(fmt).float_format().name
+    except UserError:  # not a format edgepipe exports
+        name = str(fmt)
+    if name not in PROBES:
+        shown = fmt if isinstance(fmt, str) else fmt.name
+        raise UserError(f"no per-layer report for {shown} artifacts",
+                        f"Use an int8 artifact of one of: {', '.join(sorted(set(PROBES) | {'edgetpu'}))}")
+    mod, cls = PROBES[name]
     return getattr(importlib.import_module(f"edgepipe.pipeline.fidelity.{mod}"), cls)
 
 
-def make_probe(fmt: str, artifact: Path, workdir: Path, *, traced: Optional[Traced] = None,
+def make_probe(fmt: FormatLike, artifact: Path, workdir: Path, *, traced: Optional[Traced] = None,
                calibration: Optional[Calibration] = None, reference: Optional[Path] = None,
-               options: Optional[ExportOptions] = None, artifact_options: Optional[dict] = None,
-               calibration_record: Optional[dict] = None) -> LayerProbe:
-    """The probe for one artifact, with a float reference built from ``traced`` when none is given."""
+               options: Optional[FormatOptions] = None, artifact_options: Optional[Mapping[str, Any]] = None,
+               calibration_record: Optional[Mapping[str, Any]] = None) -> LayerProbe:
+    """The probe for one artifact, with a float reference built from ``traced`` when none is given.
+    ``fmt``: a format name or an export's own Format instance (which reuses its conversions);
+    ``options``: the artifact's export options, else rebuilt from ``artifact_options`` (the manifest's
+    ``artifact.options``) and ``calibration_record`` (``artifact.calibration``)."""
     cls = probe_class(fmt)
-    if fmt == "edgetpu" and read_tflite(artifact, keep_constants=False).is_edgetpu_compiled:
-        raise UserError(f"{Path(artifact).name} is compiled for the Edge TPU and runs only there",
+    why = sources.format_of(fmt).unverifiable(Path(artifact))
+    if why:
+        raise UserError(f"{Path(artifact).name} is {why}",
                         "Report the full-int8 TFLite artifact it was compiled from (the tflite-int8 artifact)")
+    if options is None:
+        options = sources.recorded_options(fmt, artifact_options, calibration_record)
     if reference is None:
         if traced is None:
             raise UserError(f"a per-layer report of {Path(artifact).name} needs a float reference",
                             "Export the fp32 variant too, or give the source model")
         reference = sources.float_reference(traced, fmt, workdir, options)
-    known = sources.keras_layer_names(traced)
-    if fmt in ("tflite", "edgetpu"):
-        req = None
-        if traced is not None and calibration is not None:
-            req = sources.tflite_requantizer(traced, calibration)
-        return cls(artifact, reference, requantize=req, known_layers=known)
-    if fmt == "onnx":
-        return cls(artifact, reference, calibration=calibration, known_layers=known,
-                   quant=sources.onnx_quant(artifact_options, calibration_record))
-    return cls(artifact, reference, known_layers=known)
+    return cls.open(Path(artifact), Path(reference), traced=traced, calibration=calibration, options=options,
+                    known_layers=sources.keras_layer_names(traced))
 
 
-def layer_report(artifact: str | Path, fmt: str, images: Calibration, *, traced: Optional[Traced] = None,
+def layer_report(artifact: str | Path, fmt: FormatLike, images: Calibration, *, traced: Optional[Traced] = None,
                  calibration: Optional[Calibration] = None, reference: Optional[Path] = None,
-                 options: Optional[ExportOptions] = None, artifact_options: Optional[dict] = None,
-                 calibration_record: Optional[dict] = None, samples: int = DEFAULT_SAMPLES,
+                 options: Optional[FormatOptions] = None, artifact_options: Optional[Mapping[str, Any]] = None,
+                 calibration_record: Optional[Mapping[str, Any]] = None, samples: int = DEFAULT_SAMPLES,
                  isolated_cap: int = DEFAULT_ISOLATED_CAP, isolated_images: int = DEFAULT_ISOLATED_IMAGES,
                  data: str = "calibration", progress: Optional[Callable[[str], None]] = None) -> LayerReport:
     """Build the per-layer report of one int8 artifact (see layers.py for what it holds)."""
@@ -89,9 +93,10 @@ def layer_report(artifact: str | Path, fmt: str, images: Calibration, *, traced:
     return rep
 
 
-def fallback_recovery(artifact: str | Path, fmt: str, calibration: Calibration, measure: Callable[[Path], DropResult],
-                      budget: float, workdir: Path, *, traced: Traced, options: Optional[ExportOptions] = None,
-                      artifact_options: Optional[dict] = None, calibration_record: Optional[dict] = None,
+def fallback_recovery(artifact: str | Path, fmt: FormatLike, calibration: Calibration,
+                      measure: Callable[[Path], DropResult], budget: float, workdir: Path, *, traced: Traced,
+                      options: Optional[FormatOptions] = None, artifact_options: Optional[Mapping[str, Any]] = None,
+                      calibration_record: Optional[Mapping[str, Any]] = None,
                       steps: tuple = STEPS, isolated_images: int = DEFAULT_ISOLATED_IMAGES,
                       progress: Optional[Callable[[str], None]] = None) -> tuple[Recovery, LayerReport]:
     """Per-layer report of an int8 artifact on its calibration images, then float fallback of its worst

@@ -1,5 +1,6 @@
-"""Run an artifact over images in its CPU runtime (the runtime seam in devices/runtimes): class
-scores for the budget checks, and a per-image latency for the cost of a recovery.
+"""Run an artifact over images in the runtime that verifies its format here (its Format's verifier:
+LiteRT or onnxruntime on the CPU, edgepipe's Core ML reference interpreter off macOS): class scores
+for the budget checks, and a per-image latency for the cost of a recovery.
 """
 from __future__ import annotations
 
@@ -9,19 +10,20 @@ from typing import Optional
 
 import numpy as np
 
-from edgepipe.devices.runtimes.base import Runtime, get_runtime, quantize
+from edgepipe.devices.runtimes.base import Runtime, quantize, runtimes_for
 from edgepipe.pipeline.base.errors import UnsupportedArtifact
 from edgepipe.pipeline.base.records import Calibration
-
-# where each format's int8 artifact runs on any host (Core ML: edgepipe's reference interpreter)
-CPU_TARGET = {"tflite": "cpu", "edgetpu": "cpu", "onnx": "cpu", "coreml": "reference"}
+from edgepipe.pipeline.fidelity.sources import FormatLike, format_of
 
 
-def cpu_runtime(fmt: str) -> Runtime:
-    rt = get_runtime("tflite" if fmt == "edgetpu" else fmt, CPU_TARGET.get(fmt, "cpu"))
-    why = rt.available()
-    if why:
-        raise UnsupportedArtifact(why)
+def cpu_runtime(fmt: FormatLike) -> Runtime:
+    """The runtime that verifies ``fmt``'s artifacts on this host (UnsupportedArtifact when it is missing)."""
+    f = format_of(fmt)
+    name, target = f.verifier_for_host()
+    rt = next((r for r in runtimes_for(f.runs_as(), target) if r.name == name), None)
+    why = f"no {name} runtime installed" if rt is None else rt.available()
+    if why or rt is None:
+        raise UnsupportedArtifact(why or f"no {name} runtime")
     return rt
 
 
@@ -34,7 +36,7 @@ def _pick(outs: list[np.ndarray]) -> int:
     return best
 
 
-def predict(path: Path, fmt: str, images: Calibration, runtime: Optional[Runtime] = None) -> np.ndarray:
+def predict(path: Path, fmt: FormatLike, images: Calibration, runtime: Optional[Runtime] = None) -> np.ndarray:
     """(N, K) float outputs of the artifact on every image, batch of one."""
     rt = runtime or cpu_runtime(fmt)
     outs = []
@@ -48,7 +50,7 @@ def predict(path: Path, fmt: str, images: Calibration, runtime: Optional[Runtime
     return np.concatenate(outs)
 
 
-def latency_ms(path: Path, fmt: str, images: Calibration, runs: int = 30, warmup: int = 3,
+def latency_ms(path: Path, fmt: FormatLike, images: Calibration, runs: int = 30, warmup: int = 3,
                runtime: Optional[Runtime] = None) -> float:
     """Median wall time of one inference (ms) on the first image, in the CPU runtime."""
     rt = runtime or cpu_runtime(fmt)
