@@ -166,9 +166,10 @@ def test_cluster_sweep_placement_report_serial_equality_and_resume(cluster, tmp_
     ser_out = tmp_path / "serial"
     env = {"PYTHONPATH": str(shim), "EDGEPIPE_CONFIG": str(cluster.cfg["all"]),
            "EDGEPIPE_CACHE_DIR": str(tmp_path / "cache-serial")}
-    rs = S.cli("sweep", str(write_plan(tmp_path, ser_out, ["local", "board-a", "board-b"])), "--json", env=env,
-               timeout=900)
+    rs = S.cli("sweep", str(write_plan(tmp_path, ser_out, ["local", "board-a", "board-b"])), "--json", "--ledger",
+               str(tmp_path / "ledger.sqlite"), env=env, timeout=900)
     ser = report_of(rs)
+    _recorded(tmp_path / "ledger.sqlite", ser, ser_out)
     assert "Ray is not installed: running serially" in rs.stderr and 'pip install "edgepipe[cluster]"' in rs.stderr
     assert ser["engine"]["mode"] == "serial" and rs.returncode == r.returncode
     _same_results(out, ser_out, rep, ser)
@@ -180,6 +181,22 @@ def test_cluster_sweep_placement_report_serial_equality_and_resume(cluster, tmp_
     assert again["counts"]["run"] == 0 and again["counts"]["reused"] == len(jobs), again["counts"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tflite")} == before
     assert again["gate"]["rows"] == rep["gate"]["rows"] and r2.returncode == r.returncode
+
+
+def _recorded(path: Path, rep: dict, out: Path) -> None:
+    """The sweep is one ledger run whose children are each model's bench, eval and check."""
+    from edgepipe.pipeline import ledger
+
+    assert rep["ledger"]["kind"] == "sweep"
+    with ledger.Ledger.open(str(path)) as led:
+        runs = ledger.runs(led, limit=50)
+    top = [r for r in runs if r["kind"] == "sweep"]
+    assert len(top) == 1 and top[0]["id"] == rep["ledger"]["run_id"]
+    kids = [r for r in runs if r["parent_id"] == top[0]["id"]]
+    assert sorted(r["kind"] for r in kids) == ["bench"] * 2 + ["check"] * 2 + ["eval"] * 2
+    assert {r["model"] for r in kids} == {"m0", "m1"}
+    bench_rows = sum(len(json.loads((out / m / "bench.json").read_text())["rows"]) for m in ("m0", "m1"))
+    assert sum(r["rows"] for r in kids if r["kind"] == "bench") == bench_rows > 0
 
 
 def _placement(c, jobs: list[dict]) -> None:

@@ -11,6 +11,7 @@ import typer
 
 from edgepipe.pipeline.base.errors import GateFailure, UserError
 from edgepipe.pipeline.base.util import stdout_to_stderr, unwind_on_sigterm
+from edgepipe.pipeline.cli.common import LEDGER_HELP, NO_LEDGER_HELP, sentence
 from edgepipe.pipeline.gate import parse_overrides
 from edgepipe.pipeline.sweep import cells, raynet
 from edgepipe.pipeline.sweep.engine import SerialEngine, make_engine
@@ -69,6 +70,8 @@ def sweep(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write the gate as JUnit XML here."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write the gate as Markdown here (also appended to $GITHUB_STEP_SUMMARY)."),
     json_out: bool = typer.Option(False, "--json", help="Print sweep.json on stdout."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help=LEDGER_HELP),
+    no_ledger: bool = typer.Option(False, "--no-ledger", help=NO_LEDGER_HELP),
 ) -> None:
     """Export, verify, evaluate, benchmark and gate many models on many devices, in parallel on Ray."""
     if serial and ray_address:
@@ -90,12 +93,16 @@ def sweep(
     unwind_on_sigterm()
     with stdout_to_stderr():  # Ray and converters print to fd 1; keep --json clean
         res = run_sweep(prepared, engine, say, junit=str(junit) if junit else None,
-                        markdown=str(markdown) if markdown else None)
+                        markdown=str(markdown) if markdown else None, ledger=ledger, record=not no_ledger)
     if json_out:
-        sys.stdout.write(json.dumps({**res.report, "written": res.written}, indent=2, default=str) + "\n")
+        sys.stdout.write(json.dumps({**res.report, "written": res.written,
+                                     "ledger": res.ledger.to_dict() if res.ledger else None},
+                                    indent=2, default=str) + "\n")
         sys.stdout.flush()
     else:
         _print(res.report, res.written)
+        if res.ledger is not None:
+            say.line(sentence(res.ledger.summary()))
     gate = res.report["gate"]
     if not gate["passed"]:
         bad = [r for r in gate["rows"] if r["status"] == "fail"]

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import edgepipe.pipeline.ledger as ledger_lib  # a lazy facade: SQLAlchemy loads when the sweep records
 from edgepipe.export import CALIBRATED
 from edgepipe.pipeline.base.errors import UserError
 from edgepipe.pipeline.sweep import cells, jobs
@@ -37,6 +38,7 @@ class SweepResult:
     report: dict
     written: dict
     jobs: list[dict]
+    ledger: Optional[Any] = None  # where the sweep was recorded (ledger.Recorded), None with record=False
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -196,10 +198,15 @@ def _summary(rec: dict, kind: str, model: str, device: Optional[str]) -> dict:
 
 
 def run_sweep(prepared: Prepared, engine: SerialEngine | RayEngine, progress: Progress = _quiet,
-              junit: Optional[str] = None, markdown: Optional[str] = None) -> SweepResult:
+              junit: Optional[str] = None, markdown: Optional[str] = None, ledger: Any = None,
+              record: bool = True) -> SweepResult:
     """Check the devices (against the cluster when joining one), run every job, write the reports, stop
-    the engine. Ctrl-C cancels the jobs and stops what this run started."""
+    the engine, then record the sweep in the results ledger (``ledger``: a path or postgresql:// URL,
+    None: the default one; ``record=False``: nothing). Ctrl-C cancels the jobs and stops what this run
+    started."""
     clock = {"start": time.time()}
+    where = ledger_lib.resolve(ledger, disabled=not record)  # a bad --ledger fails here, before any job
+    before = ledger_lib.capture() if where is not None else None
     cluster = isinstance(engine, RayEngine) and engine.mode == "cluster"
     if not cluster:  # devices registered here: checked before anything starts
         resolve_devices(prepared, engine)
@@ -226,7 +233,31 @@ def run_sweep(prepared: Prepared, engine: SerialEngine | RayEngine, progress: Pr
                        "stop_s": round(clock["stop"] - clock["jobs"], 3)}
     report = build_report(prepared, OutputFolder(prepared.plan.out), done, info, time.time() - clock["start"])
     written = write_outputs(report, prepared.plan.out, junit=junit, markdown=markdown)
-    return SweepResult(report, written, done)
+    recorded = record_sweep(prepared, report, written, where, before) if where is not None else None
+    return SweepResult(report, written, done, recorded)
+
+
+def record_sweep(prepared: Prepared, report: dict, written: dict, ledger: Any, before: Optional[dict]) -> Any:
+    """One sweep run in the ledger with every model's merged bench report and eval result as child runs
+    (after the reports are written: a ledger that fails raises LedgerError, the reports stay)."""
+    out = OutputFolder(prepared.plan.out)
+    benches, evals, checks = [], [], []
+    gate_rows = (report.get("gate") or {}).get("rows") or []
+    for mj in prepared.models:
+        folder = out.model_dir(mj.name)
+        bench, ev = out.json(folder / "bench.json"), out.json(folder / "eval.json")
+        if bench and bench.get("rows"):
+            benches.append(bench)
+        if ev and ev.get("results") is not None:
+            evals.append(ev)
+        rows = [r for r in gate_rows if r.get("model") == mj.name]
+        if rows:
+            failed = sum(r.get("status") == "fail" for r in rows)
+            checks.append({"model": mj.name, "folder": str(folder) if folder.is_dir() else None,
+                           "passed": not failed, "failed": failed, "checks": len(rows), "rows": rows})
+    meta = {k: v for k, v in report.items() if k != "rows"} | {"cells": report.get("rows") or []}
+    return ledger_lib.record_sweep(meta, ledger, benches=benches, evals=evals, checks=checks,
+                                   source=written.get("json"), before=before)
 
 
 def merge_benches(prepared: Prepared, out: OutputFolder) -> None:
