@@ -86,6 +86,10 @@ def check_eval(ev: dict) -> None:
         raise UserError("[eval] limit and min_samples must be positive", "Give positive numbers")
     if ev["threads"] is not None and ev["threads"] < 1:
         raise UserError(f"[eval] threads must be at least 1 (got {ev['threads']})", "Leave it out for the default")
+    if ev["limit"] is not None and ev["limit"] < ev["min_samples"]:
+        raise UserError(f"[eval] limit {ev['limit']} is below min_samples ({ev['min_samples']}), the smallest set "
+                        "evaluated", f"Raise limit, or set [eval] min_samples = {ev['limit']} if a noisier figure "
+                        "is acceptable")
 
 
 def bench_settings(b: dict) -> BenchSettings:
@@ -105,7 +109,8 @@ def gate_config(g: dict, selectors: set[str]) -> gate.GateConfig:
                  for k, v in g["max_drop_for"].items()}
     metrics = gate.parse_metrics(g["metric"] if isinstance(g["metric"], str) else ",".join(g["metric"]))
     return gate.GateConfig([gate.Budget(mt, float(g["max_drop"]), dict(overrides)) for mt in metrics],
-                           require_verified=bool(g["require_verified"]))
+                           require_verified=bool(g["require_verified"]), confidence=float(g["confidence"]),
+                           allow_inconclusive=bool(g["allow_inconclusive"]))
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -170,8 +175,16 @@ def merge_bench(reports: list[dict]) -> dict:
 
 
 def check(folder: Path, g: dict, selectors: set[str]) -> dict:
-    """`edgepipe check`'s result (as its --json dict) for the export in ``folder``; needs its eval.json."""
-    return gate.run_check(folder, gate_config(g, selectors)).to_dict()
+    """`edgepipe check`'s result (as its --json dict) for the export in ``folder``; needs its eval.json.
+    An inconclusive row (the set too small to show the drop is within budget) fails, as in `check`,
+    unless the plan allows it; then it counts as skipped."""
+    cfg = gate_config(g, selectors)
+    res = gate.run_check(folder, cfg).to_dict()
+    for r in res["rows"]:
+        if r["status"] == "inconclusive":
+            r["reason"] = f"inconclusive: {r.get('reason') or 'the eval set is too small to show the drop is within budget'}"
+            r["status"] = "skipped" if cfg.allow_inconclusive else "fail"
+    return res
 
 
 def versions() -> dict:

@@ -12,7 +12,8 @@
     [calibration]  source = "digits"    # digits | random | a folder of images;  samples = 100
     [eval]         data = "digits"      # or an ImageFolder; leave [eval] out to skip evaluation
     [bench]        targets = ["cpu"]    # runs, min_seconds, warmup, threads, timeout
-    [gate]         max_drop = 1.0       # metric, max_drop_for = {int8 = 1.5}, require_verified
+    [gate]         max_drop = 1.0       # metric, max_drop_for = {int8 = 1.5}, require_verified,
+                                        # confidence = 0.95, allow_inconclusive = false (as `check`)
 
 This module checks the plan's shape (TOML syntax, known keys, value types, paths); what the names
 mean (a model exists, a format has a precision, a device is registered) is checked by
@@ -43,7 +44,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "eval": {"data": None, "limit": None, "min_samples": 100, "targets": ["cpu"], "threads": None,
              "labels_map": None},
     "bench": {"targets": ["cpu"], "runs": 50, "min_seconds": 1.0, "warmup": 5, "threads": None, "timeout": 600.0},
-    "gate": {"max_drop": 1.0, "metric": "top1", "max_drop_for": {}, "require_verified": False},
+    "gate": {"max_drop": 1.0, "metric": "top1", "max_drop_for": {}, "require_verified": False,
+             "confidence": 0.95, "allow_inconclusive": False},
 }
 TOP_DEFAULTS: dict[str, Any] = {"out": "sweep-out", "formats": ["tflite", "onnx"], "precisions": ["fp32"],
                                 "devices": ["local"]}
@@ -52,6 +54,7 @@ TYPES: dict[str, tuple] = {
     "samples": (int,), "verify": (bool,), "verify_samples": (int,), "cache": (bool,), "limit": (int,),
     "min_samples": (int,), "threads": (int,), "runs": (int,), "min_seconds": (int, float), "warmup": (int,),
     "timeout": (int, float), "max_drop": (int, float), "require_verified": (bool,), "seed": (int,),
+    "confidence": (float,), "allow_inconclusive": (bool,),
     "alpha": (int, float), "classes": (int,), "scale": (int, float), "trust": (bool,), "input_size": (int, str),
 }
 LISTS = ("formats", "precisions", "devices", "targets")
