@@ -246,10 +246,10 @@ def record_sweep(prepared: Prepared, report: dict, written: dict, ledger: Any, b
     for mj in prepared.models:
         folder = out.model_dir(mj.name)
         bench, ev = out.json(folder / "bench.json"), out.json(folder / "eval.json")
-        if bench and bench.get("rows"):
-            benches.append(bench)
+        if bench and bench.get("rows"):  # under the plan's name of the model (two entries may share a source)
+            benches.append({**bench, "model": {**(bench.get("model") or {}), "name": mj.name}})
         if ev and ev.get("results") is not None:
-            evals.append(ev)
+            evals.append({**ev, "model": mj.name})
         rows = [r for r in gate_rows if r.get("model") == mj.name]
         if rows:
             failed = sum(r.get("status") == "fail" for r in rows)
