@@ -129,7 +129,7 @@ def bench_model(name: str, path: Path, formats, methods, work: Path) -> list[dic
 def _line(r: dict) -> str:
     if "error" in r:
         return f"| {r['model']} | {r['format']} | {r['method']} | error: {r['error']} |"
-    extra = f" float: {', '.join(r['float_layers'])}" if r.get("float_layers") else ""
+    extra = f" float: {', '.join(r['float_layers'])} |" if r.get("float_layers") else " |"
     return (f"| {r['model']} | {r['format']} | {r['method']} | {r['top1']:.2f} | {r['drop']:+.2f} "
             f"[{r['drop_low']:+.2f}, {r['drop_high']:+.2f}] | {r['agreement']:.2f} | {r['latency_ms']:.3f} "
             f"({r.get('latency_ratio', 1.0):.2f}x) | {r['size_kb']:.0f} |{extra}")
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
         work = Path(a.work) if a.work else Path(td)
         paths = prepare_models(work, names)
         print("| model | format | method | int8 top-1 % | drop (points) [95% CI] | agreement % "
-              "| latency ms (vs no-cle) | KB |")
-        print("|---|---|---|---:|---|---:|---:|---:|")
+              "| latency ms (vs no-cle) | KB | note |")
+        print("|---|---|---|---:|---|---:|---:|---:|---|")
         rows = []
         for name in names:
             rows += bench_model(name, paths[name], formats, methods, work)

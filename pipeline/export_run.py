@@ -102,6 +102,28 @@ class ExportRun:
         run.bench_inputs = bench_inputs(calibration, reference)
         return run
 
+    def _convert_again(self, manifest: Manifest, i: int) -> None:
+        """Convert one failed artifact again (from ``self.traced``); keep whichever is good, and the
+        first one's file as it was when the second is no better."""
+        a, folder = manifest.artifacts[i], self.req.folder
+        kept = folder / f".{a.path}.before-fallback" if a.path else None
+        if kept is not None and (folder / a.path).exists():
+            os.replace(folder / a.path, kept)
+        again = self.export_one(a.format, a.precision)
+        if again.ok and again.status != "verify_failed":
+            again.extra = {**again.extra, "ptq": "converted from the model as loaded: from the equalized model "
+                                                 f"it failed ({a.error})"}
+            manifest.artifacts[i] = again
+            self.progress("done", {"id": again.id, "status": again.status})
+            manifest.save(folder)
+            if kept is not None and kept.exists():
+                kept.unlink()
+            return
+        if again.path and again.path != a.path and (folder / again.path).exists():
+            (folder / again.path).unlink()
+        if kept is not None and kept.exists():
+            os.replace(kept, folder / a.path)
+
     def format(self, name: str) -> Format:
         """This export's instance of a format (made on first use for one outside the plan)."""
         if name not in self.formats:
@@ -146,7 +168,37 @@ class ExportRun:
             manifest.artifacts.append(art)
             self.progress("done", {"id": art.id, "status": art.status})
             manifest.save(self.req.folder)  # keep the manifest current: a crash later loses nothing
+        self.unrewritten_fallback(manifest)
         manifest.artifacts.sort(key=lambda a: plan.index((a.format, a.precision)))
+
+    def unrewritten_fallback(self, manifest: Manifest) -> None:
+        """A format whose artifacts failed from the rewritten (equalized) model is converted again, all
+        its precisions, from the model as loaded (a converter may choke on the rewritten graph: tf2onnx
+        fuses ResNet50's folded residual biases into an invalid Conv). An artifact that then works
+        replaces the failed one and says why in ``extra["ptq"]``."""
+        if self.original is None or self.traced.loaded is self.original:
+            return
+        failed = {a.format for a in manifest.artifacts if not a.ok or a.status == "verify_failed"}
+        if not failed:
+            return
+        rewritten, formats = self.traced, self.formats
+        self.progress("stage", {"name": "converting again without equalization", "detail": ", ".join(failed)})
+        try:
+            self.traced = trace(self.original)
+        except Exception:  # noqa: BLE001 - the failed artifacts stay as they were
+            self.traced = rewritten
+            return
+        self.formats = {**formats, **create(list(failed))}
+        try:
+            for i, a in enumerate(manifest.artifacts):
+                if a.format in failed and (not a.ok or a.status == "verify_failed"):
+                    self._convert_again(manifest, i)
+        finally:
+            for name in failed:
+                self.formats[name].close()
+            self.formats = formats
+            self.traced.close()
+            self.traced = rewritten
 
     def _start_worker(self) -> Optional[Worker]:
         """Start the conversions formats can run in the worker process, when there is something else

@@ -94,6 +94,26 @@ def test_export_equalizes_by_default_and_verifies_against_the_original(broken200
     assert on.cache_parts()["ptq"] != off.cache_parts()["ptq"]  # what was applied is in the cache key
 
 
+@pytest.mark.slow
+def test_a_format_that_fails_from_the_equalized_model_is_converted_from_the_original(tmp_path):
+    """tf2onnx turns ResNet50's folded residual biases (after equalization) into a Conv with four inputs,
+    which onnxruntime refuses: the ONNX artifacts are converted again from the model as loaded and say so;
+    TFLite keeps the equalized conversion."""
+    outcome = export_stage.export("resnet50", weights="none", input_size=32, classes=10, formats="tflite,onnx",
+                                  precisions="fp32,int8", calib="digits", calib_samples=16, out=tmp_path,
+                                  capture_output=False, cache=False)
+    outcome.raise_for_status()
+    m, folder = load_manifest(outcome.folder)
+    assert m.model.options["ptq"]["equalize"]["applied"]
+    arts = {a.id: a for a in m.artifacts}
+    assert all(a.ok and a.verification.status == "passed" for a in arts.values()), \
+        {a.id: a.error for a in arts.values()}
+    for aid in ("onnx-fp32", "onnx-int8"):
+        assert "converted from the model as loaded" in arts[aid].extra["ptq"] and "INVALID_GRAPH" in arts[aid].extra["ptq"]
+    assert "ptq" not in arts["tflite-fp32"].extra and "ptq" not in arts["tflite-int8"].extra
+    assert not list(folder.glob(".*before-fallback")) and not list(folder.glob(".tmp-*"))
+
+
 def test_a_model_equalization_cannot_rewrite_is_converted_as_it_is():
     import keras
 

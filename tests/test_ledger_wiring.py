@@ -107,8 +107,9 @@ def test_bench_eval_check_are_recorded_and_the_latency_gate_judges(export, tmp_p
     assert ev["ledger"]["kind"] == "eval" and len(ev["ledger"]["rows"]["eval_rows"]) == len(ev["results"])
 
     # the same export benched twice: the re-run passes a budget no run-to-run variation here reaches
+    # (accuracy: 3 points, which 150 images of identical predictions show with 95% confidence)
     junit = tmp_path / "gate.xml"
-    r = run_cli("check", str(export), "--max-drop", "1.0", "--baseline", str(b1["ledger"]["run_id"]),
+    r = run_cli("check", str(export), "--max-drop", "3.0", "--baseline", str(b1["ledger"]["run_id"]),
                 "--max-slowdown", "25", "--junit", str(junit), *led, "--json")
     c = _ok_json(r)
     assert c["passed"] and c["latency"]["passed"] and c["latency"]["baseline"] == f"run {b1['ledger']['run_id']}"
@@ -121,7 +122,7 @@ def test_bench_eval_check_are_recorded_and_the_latency_gate_judges(export, tmp_p
     base = tmp_path / "baseline.json"
     base.write_text(json.dumps(_slowed(b1, 0.6)))
     md = tmp_path / "gate.md"
-    r = run_cli("check", str(export), "--max-drop", "1.0", "--baseline", str(base), "--max-slowdown", "25",
+    r = run_cli("check", str(export), "--max-drop", "3.0", "--baseline", str(base), "--max-slowdown", "25",
                 "--junit", str(junit), "--markdown", str(md), *led)
     assert r.returncode == 1, r.stderr[-3000:]
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("edgepipe: error: ")]

@@ -42,7 +42,9 @@ def test_recovery_reuses_the_exports_model_and_calibration(tmp_path, monkeypatch
     monkeypatch.setattr(export_run, "calibrate", calibrate)
     outcome = export_stage.export(str(digits_model.digits_model_path()), preprocess="unit", formats="onnx", int8=True,
                                   data=str(_dark_folder(tmp_path / "dark")), calib_samples=24, out=tmp_path / "out",
-                                  max_drop=1.0, eval_data="digits", capture_output=False)
+                                  max_drop=1.0, eval_data="digits", capture_output=False, equalize=False)
+    # (equalize off: a failed artifact of an equalized export is first converted again from the model as
+    # loaded, one more trace before recovery; that fallback is tested in test_fidelity_export.py)
     assert (load.calls, trace.calls, calibrate.calls) == (1, 1, 1)
     rec = outcome.recovery
     assert rec is not None and [a.artifact for a in rec.artifacts] == ["onnx-int8"]

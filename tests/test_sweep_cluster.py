@@ -21,6 +21,7 @@ import pytest
 
 import sweep_support as S
 from edgepipe.pipeline.base.manifest import artifact_problem, load_manifest
+from edgepipe.pipeline import ledger
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -185,8 +186,6 @@ def test_cluster_sweep_placement_report_serial_equality_and_resume(cluster, tmp_
 
 def _recorded(path: Path, rep: dict, out: Path) -> None:
     """The sweep is one ledger run whose children are each model's bench, eval and check."""
-    from edgepipe.pipeline import ledger
-
     assert rep["ledger"]["kind"] == "sweep"
     with ledger.Ledger.open(str(path)) as led:
         runs = ledger.runs(led, limit=50)
