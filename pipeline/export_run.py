@@ -106,9 +106,10 @@ class ExportRun:
         """Convert one failed artifact again (from ``self.traced``); keep whichever is good, and the
         first one's file as it was when the second is no better."""
         a, folder = manifest.artifacts[i], self.req.folder
+        first = folder / a.path if a.path else None
         kept = folder / f".{a.path}.before-fallback" if a.path else None
-        if kept is not None and (folder / a.path).exists():
-            os.replace(folder / a.path, kept)
+        if first is not None and kept is not None and first.exists():
+            os.replace(first, kept)
         again = self.export_one(a.format, a.precision)
         if again.ok and again.status != "verify_failed":
             again.extra = {**again.extra, "ptq": "converted from the model as loaded: from the equalized model "
@@ -121,8 +122,8 @@ class ExportRun:
             return
         if again.path and again.path != a.path and (folder / again.path).exists():
             (folder / again.path).unlink()
-        if kept is not None and kept.exists():
-            os.replace(kept, folder / a.path)
+        if first is not None and kept is not None and kept.exists():
+            os.replace(kept, first)
 
     def format(self, name: str) -> Format:
         """This export's instance of a format (made on first use for one outside the plan)."""
