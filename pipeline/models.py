@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -168,9 +169,14 @@ def _file_kind(source: str) -> str:
     """keras | h5 | savedmodel for a model path, or a UserError naming what is wrong."""
     p = Path(source)
     if not p.exists():
+        if os.sep in source or p.suffix.lower() in (".keras", ".h5", ".hdf5"):
+            raise UserError(f"model file {source} not found", "Check the path, or give a built-in name "
+                                                               f"({', '.join(BUILTINS)})")
+        near = difflib.get_close_matches(source.lower(), list(BUILTINS), n=1, cutoff=0.75)
+        guess = f"Did you mean '{near[0]}'? " if near else ""
         raise UserError(
             f"unknown model '{source}': not a built-in name and no such file",
-            f"Use one of: {', '.join(BUILTINS)}, or a .keras/.h5 file or SavedModel folder",
+            f"{guess}Use one of: {', '.join(BUILTINS)}, or a .keras/.h5 file or SavedModel folder",
         )
     if p.is_dir():
         if not (p / "saved_model.pb").exists():

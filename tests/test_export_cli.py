@@ -33,6 +33,8 @@ def test_help_is_fast_and_does_not_import_tensorflow():
 
 @pytest.mark.parametrize("args,needle", [
     (["export", "mobilenett", "--weights", "none"], "unknown model 'mobilenett'"),
+    (["export", "mobilenett", "--weights", "none"], "Did you mean 'mobilenet'?"),
+    (["export", "models/nope.keras"], "model file models/nope.keras not found"),
     (["export", "mobilenet", "--weights", "none", "--formats", "tflite,caffe"], "unknown format 'caffe'"),
     (["export", "mobilenet", "--weights", "none", "--precisions", "int4"], "unknown precision 'int4'"),
     (["export", "mobilenet", "--weights", "none", "--int8"], "needs calibration data"),
