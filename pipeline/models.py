@@ -170,7 +170,7 @@ def _file_kind(source: str) -> str:
     p = Path(source)
     if not p.exists():
         if os.sep in source or p.suffix.lower() in (".keras", ".h5", ".hdf5"):
-            raise UserError(f"model file {source} not found", "Check the path, or give a built-in name "
+            raise UserError(f"unknown model '{source}': no such file", "Check the path, or give a built-in name "
                                                                f"({', '.join(BUILTINS)})")
         near = difflib.get_close_matches(source.lower(), list(BUILTINS), n=1, cutoff=0.75)
         guess = f"Did you mean '{near[0]}'? " if near else ""

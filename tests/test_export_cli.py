@@ -34,7 +34,7 @@ def test_help_is_fast_and_does_not_import_tensorflow():
 @pytest.mark.parametrize("args,needle", [
     (["export", "mobilenett", "--weights", "none"], "unknown model 'mobilenett'"),
     (["export", "mobilenett", "--weights", "none"], "Did you mean 'mobilenet'?"),
-    (["export", "models/nope.keras"], "model file models/nope.keras not found"),
+    (["export", "models/nope.keras"], "unknown model 'models/nope.keras': no such file"),
     (["export", "mobilenet", "--weights", "none", "--formats", "tflite,caffe"], "unknown format 'caffe'"),
     (["export", "mobilenet", "--weights", "none", "--precisions", "int4"], "unknown precision 'int4'"),
     (["export", "mobilenet", "--weights", "none", "--int8"], "needs calibration data"),
