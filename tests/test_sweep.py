@@ -78,6 +78,8 @@ def test_malformed_plans(tmp_path, text, message):
 @pytest.mark.parametrize("plan_text, args, message", [
     (f"[[models]]\n{TINY}", ["--models", "nosuchnet"], "unknown model 'nosuchnet'"),
     (f"[[models]]\n{TINY}", ["--devices", "local,ghost"], "no device named 'ghost'"),
+    (f"[[models]]\n{TINY}", ["--devices", "lcoal"], "For this machine's CPU write 'local'"),
+    (f"[[models]]\n{TINY}", ["--eval-data", "digits", "--eval-limit", "50"], "limit 50 is below min_samples (100)"),
     ("[[models\n", [], "is not valid TOML"),
     (f"[[models]]\n{TINY}", ["--precisions", "int8"], "needs calibration data"),
     (f"[[models]]\n{TINY}", ["--max-drop-for", "int4=2"], "matches no precision, format or artifact"),

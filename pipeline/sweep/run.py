@@ -12,6 +12,7 @@ The check (accuracy budgets) runs here at the end, on the files the jobs wrote.
 """
 from __future__ import annotations
 
+import difflib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -99,7 +100,12 @@ def resolve_devices(prepared: Prepared, engine: SerialEngine | RayEngine) -> lis
                                 f"Start the node it is attached to with `edgepipe node start --address ... --devices {d}`")
             add = [d]
         else:
-            cells.check_registered(d)
+            try:
+                cells.check_registered(d)
+            except UserError as e:
+                if d.lower() in ("localhost", "cpu", "host") or difflib.get_close_matches(d.lower(), [cells.LOCAL]):
+                    raise UserError(e.message, f"For this machine's CPU write '{cells.LOCAL}'; or {e.hint}") from None
+                raise
             add = [d]
         names += [n for n in add if n not in names]
     prepared.devices = names
