@@ -68,7 +68,7 @@ def build(keras):
     return keras.Model(inp, out, name="digits_mobilenet")
 
 
-def _shift(x, rng, max_shift=2):
+def shift_images(x, rng, max_shift=2):
     """Random translations by up to max_shift pixels (zero fill): cheap augmentation."""
     import numpy as np
 
@@ -99,7 +99,7 @@ def train(dest: Path) -> dict:
                   metrics=["accuracy"])
     rng = np.random.default_rng(SEED)
     for _ in range(EPOCHS):
-        model.fit(_shift(xtr, rng), ytr, batch_size=32, epochs=1, shuffle=True, verbose=0)
+        model.fit(shift_images(xtr, rng), ytr, batch_size=32, epochs=1, shuffle=True, verbose=0)
     acc = float(np.mean(model.predict(xte, batch_size=128, verbose=0).argmax(1) == yte))
     if acc < MIN_ACCURACY:
         raise RuntimeError(f"digits model reached only {acc:.3f} test accuracy (< {MIN_ACCURACY})")

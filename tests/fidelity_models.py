@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from digits_model import shift_images  # tests/ is on sys.path (pytest, benchmarks/bench_int8.py)
+
 INPUT_SIZE = 32
 CHANNELS = 3
 SEED = 0
@@ -66,15 +68,6 @@ def build_xception(keras):
     return keras.Model(inp, out, name="digits_xception")
 
 
-def _shift(x, rng, max_shift=2):
-    out = np.zeros_like(x)
-    for i in range(len(x)):
-        dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-        src = x[i, max(0, -dy):x.shape[1] - max(0, dy), max(0, -dx):x.shape[2] - max(0, dx)]
-        out[i, max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
-    return out
-
-
 def train_xception(dest: Path) -> dict:
     """Train the Xception-style model and save it as ``dest`` (.keras); returns facts."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -93,7 +86,7 @@ def train_xception(dest: Path) -> dict:
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     rng = np.random.default_rng(SEED)
     for _ in range(EPOCHS):
-        model.fit(_shift(xtr, rng), ytr, batch_size=32, epochs=1, shuffle=True, verbose=0)
+        model.fit(shift_images(xtr, rng), ytr, batch_size=32, epochs=1, shuffle=True, verbose=0)
     acc = float(np.mean(model.predict(xte, batch_size=128, verbose=0).argmax(1) == yte))
     if acc < MIN_ACCURACY:
         raise RuntimeError(f"digits_xception reached only {acc:.3f} test accuracy (< {MIN_ACCURACY})")
