@@ -405,16 +405,21 @@ def _chan(v, ndim):
     return as_f32(v).reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _affine(a, y, shape):
+    """y * gamma + beta, each when the op has it, broadcast by ``shape``."""
+    if a.has("gamma"):
+        y = y * shape(a["gamma"])
+    if a.has("beta"):
+        y = y + shape(a["beta"])
+    return y
+
+
 @kernel("batch_norm")
 def _batch_norm(a):
     x = a.f("x")
     eps = np.float32(a.float("epsilon", 1e-5))
     y = (x - _chan(a["mean"], x.ndim)) / np.sqrt(_chan(a["variance"], x.ndim) + eps)
-    if a.has("gamma"):
-        y = y * _chan(a["gamma"], x.ndim)
-    if a.has("beta"):
-        y = y + _chan(a["beta"], x.ndim)
-    return y
+    return _affine(a, y, lambda v: _chan(v, x.ndim))
 
 
 @kernel("instance_norm")
@@ -424,11 +429,7 @@ def _instance_norm(a):
     mu = x.mean(axis=axes, keepdims=True)
     var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
     y = (x - mu) / np.sqrt(var + np.float32(a.float("epsilon", 1e-5)))
-    if a.has("gamma"):
-        y = y * _chan(a["gamma"], x.ndim)
-    if a.has("beta"):
-        y = y + _chan(a["beta"], x.ndim)
-    return y
+    return _affine(a, y, lambda v: _chan(v, x.ndim))
 
 
 @kernel("layer_norm")
@@ -440,11 +441,7 @@ def _layer_norm(a):
     var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
     y = (x - mu) / np.sqrt(var + np.float32(a.float("epsilon", 1e-5)))
     # gamma/beta have shape x.shape[axes]; axes are the trailing ones in practice
-    if a.has("gamma"):
-        y = y * _bcast_axes(as_f32(a["gamma"]), x.ndim, axes)
-    if a.has("beta"):
-        y = y + _bcast_axes(as_f32(a["beta"]), x.ndim, axes)
-    return y
+    return _affine(a, y, lambda v: _bcast_axes(as_f32(v), x.ndim, axes))
 
 
 def _bcast_axes(v, ndim, axes):
