@@ -22,7 +22,7 @@ from typing import Optional
 
 from edgepipe.pipeline.base.bench import WRONG_OUTPUT, BenchReport, BenchRow
 from edgepipe.pipeline.base.errors import UserError
-from edgepipe.pipeline.base.util import write_text_atomic
+from edgepipe.pipeline.base.util import nice_ticks, write_text_atomic
 
 TARGET_COLORS = {"cpu": "#1f77b4", "gpu": "#d62728", "edgetpu": "#2ca02c", "reference": "#9467bd"}
 STATUS_ICON = {"ok": "ok", WRONG_OUTPUT: "WRONG OUTPUT", "failed": "FAILED", "skipped": "skipped",
@@ -340,18 +340,7 @@ def _nice_ticks(lo: float, hi: float, log: bool, n: int = 5) -> list[float]:
     if log:
         a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
         return [10.0 ** e for e in range(a, b + 1)]
-    span = hi - lo or 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (step * m) <= n:
-            step *= m
-            break
-    t = math.floor(lo / step) * step
-    out = []
-    while t <= hi + 1e-12:
-        out.append(round(t, 10))
-        t += step
-    return out
+    return nice_ticks(lo, hi, n)
 
 
 class _Scale:

@@ -4,12 +4,30 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round axis ticks from ``lo`` to ``hi`` (both included when round), 1, 2 or 5 x 10^k apart,
+    at most about ``n`` of them: the HTML plots' axes."""
+    span = hi - lo or abs(hi) or 1.0
+    step = 10 ** math.floor(math.log10(span / n))
+    for m in (1, 2, 5, 10):
+        if span / (step * m) <= n:
+            step *= m
+            break
+    t = math.ceil(lo / step) * step
+    out = []
+    while t <= hi + 1e-12:
+        out.append(round(t, 12))
+        t += step
+    return out
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -8,9 +8,9 @@ a screenshot.
 from __future__ import annotations
 
 import html
-import math
 from typing import Optional
 
+from edgepipe.pipeline.base.util import nice_ticks
 from edgepipe.pipeline.ledger.trends import Series
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'none'; script-src 'none'; connect-src 'none'; "
@@ -41,21 +41,6 @@ def _esc(v) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
 
-def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
-    span = hi - lo or abs(hi) or 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (step * m) <= n:
-            step *= m
-            break
-    t = math.ceil(lo / step) * step
-    out = []
-    while t <= hi + 1e-12:
-        out.append(round(t, 12))
-        t += step
-    return out
-
-
 def _y_range(vals: list[float]) -> tuple[float, float]:
     lo, hi = min(vals), max(vals)
     pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 1.0
@@ -66,7 +51,7 @@ def _axes(lo: float, hi: float, sy, n: int) -> list[str]:
     x0, y0, x1, y1 = AREA
     out = [f'<line class="axis" x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}"/>',
            f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}"/>']
-    for t in _ticks(lo, hi):
+    for t in nice_ticks(lo, hi, 4):
         y = sy(t)
         out.append(f'<line class="grid" x1="{x0 + 1}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}"/>')
         out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
