@@ -163,7 +163,7 @@ def test_real_bench_recorded_twice_then_compared_and_gated(tiny_export, tmp_path
     for i in range(2):
         before = capture()
         rep = run_bench(tiny_export, settings=BenchSettings(targets=["cpu"], artifacts=["tflite-fp32", "onnx-fp32"],
-                                                            runs=30, min_seconds=0.3, warmup=2))
+                                                            runs=30, min_seconds=0.3, warmup=2, threads=1))
         paths = write_reports(rep, tmp_path / f"run{i}")
         ids.append(record_bench(rep, led, source=paths["json"], before=before).run_id)
     with Ledger.open(led) as ledger:
@@ -173,8 +173,10 @@ def test_real_bench_recorded_twice_then_compared_and_gated(tiny_export, tmp_path
         assert all(len(e.samples) >= 30 for e in a.entries)
         cmp = compare_runs(a, b)  # same host, threads, runtimes: comparable
         assert all(r.ci is not None and r.ci.low is not None for r in cmp.rows)
-        gate = latency_gate(str(ids[0]), str(tmp_path / "run1" / "bench.json"), 100.0, ledger=ledger)
-        assert gate.passed, gate.to_dict()  # the same machine twice is not twice as slow
+        # the same machine twice is not five times as slow (the model runs in microseconds, so another
+        # process waking on the 2 shared cores can double a run's median: one thread, a wide budget)
+        gate = latency_gate(str(ids[0]), str(tmp_path / "run1" / "bench.json"), 400.0, ledger=ledger)
+        assert gate.passed, [r for r in gate.to_dict()["rows"] if r["status"] == "fail"]
     # a corrupt ledger: the report on disk stays, the recorder fails in one line
     Path(led).write_bytes(b"garbage" * 64)
     with pytest.raises(LedgerError, match="corrupt"):
