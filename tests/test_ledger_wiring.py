@@ -107,10 +107,11 @@ def test_bench_eval_check_are_recorded_and_the_latency_gate_judges(export, tmp_p
     assert ev["ledger"]["kind"] == "eval" and len(ev["ledger"]["rows"]["eval_rows"]) == len(ev["results"])
 
     # the same export benched twice: the re-run passes a budget no run-to-run variation here reaches
+    # (latency: 100%; the model runs in microseconds on 2 shared cores)
     # (accuracy: 3 points, which 150 images of identical predictions show with 95% confidence)
     junit = tmp_path / "gate.xml"
     r = run_cli("check", str(export), "--max-drop", "3.0", "--baseline", str(b1["ledger"]["run_id"]),
-                "--max-slowdown", "25", "--junit", str(junit), *led, "--json")
+                "--max-slowdown", "100", "--junit", str(junit), *led, "--json")
     c = _ok_json(r)
     assert c["passed"] and c["latency"]["passed"] and c["latency"]["baseline"] == f"run {b1['ledger']['run_id']}"
     assert {x["status"] for x in c["latency"]["rows"]} == {"pass"} and len(c["latency"]["rows"]) == 2
