@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from local_servers import free_port, keygen, wait_listening
 
 SSHD = "/usr/sbin/sshd"
 PY = sys.executable
@@ -31,24 +32,12 @@ FAST_ENV = {  # the head notices a dead node in ~2 s instead of ~30 s
 AUTH_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(24).hex()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args: str, env: dict | None = None, timeout: int = 900, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "edgepipe.pipeline", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, **kw)
 
 
 # ------------------------------------------------------------------------------------------ sshd
-def keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgepipe-test", "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
-    return path
-
-
 def start_sshd(d: Path) -> SimpleNamespace:
     host_key, user_key = keygen(d / "host_ed25519"), keygen(d / "user_ed25519")
     (d / "authorized_keys").write_text(Path(str(user_key) + ".pub").read_text())
@@ -64,18 +53,7 @@ def start_sshd(d: Path) -> SimpleNamespace:
     log = open(d / "sshd.log", "w")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited with {proc.returncode}: {(d / 'sshd.log').read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"sshd did not listen on {port}")
-            time.sleep(0.1)
+    wait_listening(proc, port, "sshd", d / "sshd.log")
     user = os.environ.get("USER") or __import__("getpass").getuser()
     return SimpleNamespace(proc=proc, log=log, port=port, user=user, key=user_key, dir=d,
                            url=f"ssh://{user}@127.0.0.1:{port}")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -35,6 +34,7 @@ import pytest
 from edgepipe.devices import BenchSettings, Registry, bench_devices, make_device, make_runner, render_markdown
 from edgepipe.devices.remote.registry import parse_url
 from edgepipe.pipeline.base.errors import UserError
+from local_servers import free_port
 
 FAST = dict(runs=5, min_seconds=0.05, warmup=1, threads=1)
 ARTS = ["tflite-fp32", "tflite-int8", "onnx-fp32"]
@@ -145,12 +145,6 @@ _STANDIN = textwrap.dedent('''
     hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
     say("Overall peak memory footprint (MB) via periodic monitoring: %g" % (hwm / 1024.0))
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,8 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +27,7 @@ import pytest
 
 from edgepipe.devices import Registry, make_device, make_runner, predict_on_device
 from edgepipe.devices.remote.ssh import SSHTransport
+from local_servers import free_port, wait_listening
 
 _missing = [b for b in ("dropbear", "dropbearkey", "ssh", "ssh-keygen", "unshare")
             if not shutil.which(b) and not Path("/usr/sbin", b).exists()]
@@ -38,12 +37,6 @@ needs_dropbear = pytest.mark.skipif(
             else "the dropbear board runs in a private mount namespace, which needs root"))
 SFTP_SERVERS = ("/usr/lib/sftp-server", "/usr/libexec/sftp-server", "/usr/lib/openssh/sftp-server")
 ARTS = ["tflite-fp32", "tflite-int8", "onnx-fp32"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _board_script(d: Path, home: str, port: int) -> Path:
@@ -83,17 +76,7 @@ def dropbear(tmp_path_factory):
                              str(_board_script(d, user.pw_dir, port))], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"dropbear exited with {proc.returncode}: {(d / 'dropbear.log').read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"dropbear did not listen on {port}: {(d / 'dropbear.log').read_text()[-2000:]}")
-                time.sleep(0.1)
+        wait_listening(proc, port, "dropbear", d / "dropbear.log")
         yield SimpleNamespace(port=port, key=d / "user_key", url=f"ssh://{user.pw_name}@127.0.0.1:{port}", dir=d)
     finally:
         proc.terminate()  # the pid we started: unshare exec'd sh, which exec'd dropbear

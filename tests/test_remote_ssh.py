@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from edgepipe.devices import (BenchSettings, Registry, TransportError, bench_dev
                               render_html, render_markdown, resolve_devices, write_reports)
 from edgepipe.devices.remote.registry import parse_url
 from edgepipe.pipeline.base.errors import UserError
+from local_servers import free_port, keygen, wait_listening
 
 SSHD = "/usr/sbin/sshd"
 REPO = Path(__file__).resolve().parents[1]
@@ -41,18 +41,6 @@ needs_openssh = pytest.mark.skipif(
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgepipe-test", "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
-    return path
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     d = tmp_path_factory.mktemp("sshd")
@@ -73,18 +61,7 @@ def sshd(tmp_path_factory):
     log = open(d / "sshd.log", "w")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"sshd exited with {proc.returncode}: {(d / 'sshd.log').read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"sshd did not listen on {port}: {(d / 'sshd.log').read_text()[-2000:]}")
-            time.sleep(0.1)
+    wait_listening(proc, port, "sshd", d / "sshd.log")
     user = os.environ.get("USER") or __import__("getpass").getuser()
     try:
         yield SimpleNamespace(port=port, user=user, key=user_key, other_key=other_key, host_key=host_key, dir=d,
